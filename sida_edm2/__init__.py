@@ -1,0 +1,1 @@
+"""sida_edm2 package."""
