@@ -1,0 +1,103 @@
+"""Training presets as data: the six EDM2 img512 sizes with SiDA's settings (paper Table 7), plus `tiny`
+(unit tests, millisecond CPU forwards) and `demo` (the README demo, CPU-friendly).
+
+    from sida_edm2.presets import get_preset
+    cfg = get_preset("edm2-img512-xs")
+    net = Precond(**cfg["network"])
+
+Keys of every preset:
+    network           Precond keyword arguments (img_resolution, img_channels, label_dim, model_channels, ...)
+    batch, batch_gpu  total images per optimizer step, and per GPU per micro-batch
+    paper_num_gpus, paper_accum_rounds   the paper's run; batch = batch_gpu * gpus * accumulation rounds
+    lr, adam_betas, adam_eps             Adam for both G and the fake score
+    lambda_sid, lambda_adv_theta, lambda_adv_psi, alpha     loss scales and the SiD alpha
+    ema_mimg          EMA half-life in Mimg (ramp-up ratio 0.05)
+    sigma_init        the generator's fixed noise level; tmax   t ~ U(0, tmax) for the generator update
+    fake_only_kimg, sid_only_kimg        phase thresholds in generator kimg
+    force_norm        forced weight normalisation on/off
+    dropout           the network's dropout (same value as network["dropout"])
+"""
+
+import copy
+
+# SiDA's settings shared by all img512 sizes (paper Table 7; DESIGN.md section 5).
+_SIDA_COMMON = dict(
+    batch=2048,
+    lr=5e-5,
+    adam_betas=[0.0, 0.999],
+    adam_eps=1e-6,
+    lambda_sid=100.0,
+    lambda_adv_theta=0.01,
+    lambda_adv_psi=100.0,
+    alpha=1.0,
+    ema_mimg=2.0,
+    sigma_init=2.5,
+    tmax=0.8,
+    fake_only_kimg=100,
+    sid_only_kimg=200,
+    force_norm=True,
+)
+
+# size: (model_channels, dropout, batch_gpu, paper_num_gpus, paper_accum_rounds); EDM2 and Table 7.
+_IMG512_SIZES = {
+    "xs": (128, 0.0, 64, 16, 2),
+    "s": (192, 0.0, 64, 8, 4),
+    "m": (256, 0.1, 32, 8, 8),
+    "l": (320, 0.1, 32, 8, 8),
+    "xl": (384, 0.1, 16, 8, 16),
+    "xxl": (448, 0.1, 2, 8, 128),
+}
+
+
+def _img512_preset(model_channels: int, dropout: float, batch_gpu: int, gpus: int, accum: int) -> dict:
+    network = dict(
+        img_resolution=64,  # 512x512 images -> 64x64 SD-VAE latents
+        img_channels=4,
+        label_dim=1000,
+        model_channels=model_channels,
+        channel_mult=[1, 2, 3, 4],
+        num_blocks=3,
+        attn_resolutions=[16, 8],
+        dropout=dropout,
+        logvar_channels=128,
+    )
+    return dict(
+        network=network, batch_gpu=batch_gpu, paper_num_gpus=gpus, paper_accum_rounds=accum, dropout=dropout,
+        **_SIDA_COMMON,
+    )
+
+
+PRESETS: dict[str, dict] = {
+    f"edm2-img512-{size}": _img512_preset(*spec) for size, spec in _IMG512_SIZES.items()
+}
+
+# Unit tests: 16x16 latents, 2 levels (disc map 8x8), one block per level, attention at 8x8 with 16-channel
+# heads (the default 64 would leave 32-channel blocks without attention). Phase thresholds of one and two
+# optimizer steps so a few-step test run reaches all three phases.
+PRESETS["tiny"] = dict(
+    _SIDA_COMMON,
+    network=dict(
+        img_resolution=16, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+        attn_resolutions=[8], channels_per_head=16, dropout=0.0, logvar_channels=16,
+    ),
+    batch=8, batch_gpu=4, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0,
+    fake_only_kimg=0.008, sid_only_kimg=0.016,
+)
+
+# README demo: 16x16 latents, 10 classes, 3 levels (disc map 4x4), a few minutes of CPU training.
+PRESETS["demo"] = dict(
+    _SIDA_COMMON,
+    network=dict(
+        img_resolution=16, img_channels=4, label_dim=10, model_channels=32, channel_mult=[1, 2, 2],
+        num_blocks=2, attn_resolutions=[8, 4], channels_per_head=32, dropout=0.0, logvar_channels=32,
+    ),
+    batch=32, batch_gpu=16, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0, lr=1e-4,
+    fake_only_kimg=0.32, sid_only_kimg=0.64,
+)
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of PRESETS[name] (callers may modify it); a clear KeyError on an unknown name."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
