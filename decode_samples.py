@@ -1,0 +1,239 @@
+"""Generate images with a one-step generator (or an EDM2 teacher), decode them with the SD-VAE, write
+PNGs / an .npz / a grid, and optionally compute FID and FD_DINOv2.
+
+    # 64 images of random classes from a training run's latest export, as PNGs and a grid
+    python decode_samples.py --generator runs/xs-sida --seeds 0-63 --outdir out --format png,grid
+
+    # The paper's protocol: 50k images, seeds 0-49999, FID and FD_DINOv2 against EDM2's statistics
+    torchrun --standalone --nproc_per_node 8 decode_samples.py --generator xs-export.safetensors \\
+        --seeds 0-49999 --outdir out-50k --format png,npz --metrics fid,fd_dinov2 --ref img512.pkl
+
+    # The EDM2 teacher with its deterministic 32-step Heun sampler (63 evaluations), class 88 only
+    python decode_samples.py --generator edm2-img512-xs-2147483-0.135.pkl --teacher-steps 32 \\
+        --classes 88 --seeds 0-15 --outdir teacher
+
+Rerunning the same command makes only the images whose PNG is missing. Images depend only on their
+seed (and class), not on --batch or the number of processes.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+import torch
+
+from latent.vae import load_vae
+from sida_edm2 import metrics as fd
+from sida_edm2.checkpoints import load_network
+from sida_edm2.generate_images import resolve_network_path, write_images
+from sida_edm2.image_sources import image_batches
+from sida_edm2.sample_files import GRID_NAME, NPZ_NAME, png_path, write_grid_from_pngs, write_npz_from_pngs
+from sida_edm2.seeds import parse_int_list
+from sida_edm2.torchrun_env import barrier, init_distributed
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("png", "npz", "grid")
+STAGING_DIR = ".png-staging"  # the PNG tree when png is not a requested format (removed at the end)
+
+
+def _int_list(ctx, param, value):
+    return None if value is None else parse_int_list(value)
+
+
+def _float_list(ctx, param, value):
+    return [float(v) for v in value.split(",") if v.strip()] if value else []
+
+
+def _formats(ctx, param, value):
+    names = [n.strip() for item in value for n in item.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown or not names:
+        raise click.BadParameter(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(names))
+
+
+def _metric_list(ctx, param, value):
+    return fd.parse_metric_list(value) if value else []
+
+
+@click.command()
+@click.option(
+    "--generator", required=True, help="Export .safetensors, training run dir, SiD/SiDA or EDM2 .pkl."
+)
+@click.option(
+    "--teacher-steps",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Treat --generator as an EDM2 "
+    "denoiser and run the Heun sampler with this many steps (32: EDM2's 63 evaluations).",
+)
+@click.option(
+    "--few-step-sigmas",
+    "sigmas",
+    default="",
+    callback=_float_list,
+    help="Few-step generation: re-noise and denoise at these decreasing sigmas < 2.5 (e.g. 1.0,0.3).",
+)
+@click.option(
+    "--vae", default="stabilityai/sd-vae-ft-mse", show_default=True, help="VAE hub id or local dir."
+)
+@click.option(
+    "--seeds", default="0-63", show_default=True, callback=_int_list, help="E.g. 0-49999 or 0-9,20."
+)
+@click.option(
+    "--classes",
+    default=None,
+    callback=_int_list,
+    help="One class, or a list repeated along the seeds [default: random per seed].",
+)
+@click.option(
+    "--batch", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch per GPU."
+)
+@click.option("--outdir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    default=["png"],
+    show_default=True,
+    callback=_formats,
+    help="png (tree of 1000-image folders), npz (uint8 NxHxWx3 'arr_0' + 'labels'), grid. Repeatable.",
+)
+@click.option(
+    "--grid-images",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="How many of the first seeds the grid shows.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", *PRECISIONS]),
+    default="auto",
+    show_default=True,
+    help="Network compute precision; auto = bf16 on GPU, fp32 on CPU.",
+)
+@click.option(
+    "--vae-precision",
+    type=click.Choice(list(PRECISIONS)),
+    default="fp32",
+    show_default=True,
+    help="VAE decoder precision.",
+)
+@click.option("--device", default=None, help="Single-process device [default: cuda if available, else cpu].")
+@click.option("--metrics", "metric_names", default="", callback=_metric_list, help="fid, fd_dinov2 or both.")
+@click.option(
+    "--ref",
+    "ref_path",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Reference statistics .pkl in EDM2's layout (e.g. img512.pkl).",
+)
+@click.option("--inception", default=None, help="Inception TorchScript path or URL [default: cache dir].")
+@click.option("--dinov2", default=None, help="Local facebook/dinov2-large directory [default: cache dir].")
+@click.option(
+    "--workers",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="PNG reader processes for the metrics.",
+)
+def main(
+    generator,
+    teacher_steps,
+    sigmas,
+    vae,
+    seeds,
+    classes,
+    batch,
+    outdir,
+    formats,
+    grid_images,
+    precision,
+    vae_precision,
+    device,
+    metric_names,
+    ref_path,
+    inception,
+    dinov2,
+    workers,
+):
+    """Generate, decode and write images for a seed list; optionally compute FID / FD_DINOv2."""
+    if metric_names and ref_path is None:
+        raise click.UsageError("--metrics needs --ref (reference statistics, e.g. EDM2's img512.pkl)")
+    if teacher_steps is not None and sigmas:
+        raise click.UsageError("--few-step-sigmas applies to generators, not to --teacher-steps")
+    rank, world_size, device = init_distributed(device)
+    dtype = (
+        PRECISIONS["bf16" if device.type == "cuda" else "fp32"]
+        if precision == "auto"
+        else PRECISIONS[precision]
+    )
+    ref, detectors = None, {}
+    if metric_names:  # fail on missing weights or statistics before spending GPU time
+        ref = fd.load_reference_stats(ref_path)
+        missing = [m for m in metric_names if m not in ref]
+        if missing:
+            raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
+        detectors = fd.load_detectors(metric_names, inception=inception, dinov2=dinov2, device=device)
+
+    outdir = Path(outdir)
+    tree = outdir if "png" in formats else outdir / STAGING_DIR
+    network_path = resolve_network_path(generator)
+    if rank == 0:
+        click.echo(
+            f"network {network_path}; {len(seeds)} seeds -> {outdir} ({', '.join(formats)}), "
+            f"{world_size} process(es), {str(dtype).removeprefix('torch.')} on {device}"
+        )
+    net = load_network(network_path, device=device)
+    vae_model = load_vae(vae, device, PRECISIONS[vae_precision])
+    made = write_images(
+        net,
+        vae_model,
+        seeds,
+        tree,
+        batch=batch,
+        classes=classes,
+        teacher_steps=teacher_steps,
+        sigmas=sigmas,
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        progress=rank == 0,
+    )
+    click.echo(f"rank {rank}: made {made} images (the rest existed already)")
+    del net, vae_model
+    barrier()
+
+    if metric_names:  # every rank reads its share of the PNGs; the statistics are summed over ranks
+        paths = [png_path(tree, s) for s in seeds]
+        batches = image_batches(paths, 64, rank=rank, world_size=world_size, num_workers=workers)
+        total = len(paths) // world_size
+        stats = fd.accumulate_stats(detectors, batches, device, progress=rank == 0, total=total)
+        if rank == 0:
+            results = fd.compare_to_reference(stats, ref)
+            for name, value in results.items():
+                click.echo(f"{name}: {value:.4f}")
+            record = {
+                **results,
+                "num_images": len(paths),
+                "ref": str(ref_path),
+                "generator": str(network_path),
+                "teacher_steps": teacher_steps,
+                "few_step_sigmas": sigmas,
+                "precision": str(dtype),
+            }
+            (outdir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    # The single-writer outputs come last, so no rank waits in a collective while rank 0 writes them.
+    if rank == 0 and "npz" in formats:
+        click.echo(f"wrote {write_npz_from_pngs(outdir / NPZ_NAME, tree, seeds)}")
+    if rank == 0 and "grid" in formats:
+        click.echo(f"wrote {write_grid_from_pngs(outdir / GRID_NAME, tree, seeds[:grid_images])}")
+    if rank == 0 and tree != outdir:
+        shutil.rmtree(tree)
+
+
+if __name__ == "__main__":
+    main()

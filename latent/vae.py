@@ -1,0 +1,121 @@
+"""The SD-VAE (diffusers AutoencoderKL) as EDM2 uses it: pixels in [0, 1], posterior mean and std.
+
+    vae = load_vae("stabilityai/sd-vae-ft-mse", "cuda", torch.float32)     # or a local directory
+    mean, std = encode_moments(vae, pixels_uint8)      # [B,3,H,W] uint8 -> 2 x float32 [B,4,H/8,W/8]
+    images = decode_to_uint8(vae, latents_scaled)      # EDM2-space latents -> uint8 [B,3,H,W]
+
+bfloat16 is for GPUs (on CPU it is ~200x slower than float32, DESIGN.md 6); whatever the VAE's dtype,
+the moments are computed from its raw output in float32. On CUDA the VAE runs channels_last.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from latent.scaling import unscale_latents
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+# The architecture of stabilityai/sd-vae-ft-mse (83,653,863 parameters), for building it with random
+# weights offline (benchmarks) - the same dict as its config.json, minus bookkeeping keys.
+SD_VAE_FT_MSE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
+}
+
+
+def _prepare(vae: AutoencoderKL, device: str | torch.device, dtype: torch.dtype) -> AutoencoderKL:
+    device = torch.device(device)
+    if device.type == "cpu" and dtype != torch.float32:
+        raise ValueError(f"the VAE runs in float32 on CPU ({dtype} there is far slower and gains nothing)")
+    # nn.Module.to, not diffusers' override: that one warns about fp32-only modules even when there are none.
+    vae = torch.nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
+    if device.type == "cuda":
+        vae = vae.to(memory_format=torch.channels_last)
+    return vae
+
+
+def build_vae(config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """An AutoencoderKL with random weights from an architecture dict (no download)."""
+    return _prepare(AutoencoderKL(**config), device, dtype)
+
+
+def load_vae(
+    name_or_path: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+) -> AutoencoderKL:
+    """AutoencoderKL from a Hugging Face hub id or a local directory (save_pretrained layout)."""
+    # low_cpu_mem_usage=False: the same load, without a notice that `accelerate` is not installed.
+    vae = AutoencoderKL.from_pretrained(name_or_path, revision=revision, low_cpu_mem_usage=False)
+    return _prepare(vae, device, dtype)
+
+
+def vae_revision(name_or_path: str, revision: str | None = None) -> str:
+    """What identifies the weights: the hub commit (from the local cache), or a hash of local weights."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        if not weights:
+            return "local:unknown"
+        digest = hashlib.sha256()
+        with open(weights[0], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"local-sha256:{digest.hexdigest()}"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+    if isinstance(cached, str | os.PathLike):
+        return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    return revision or "unknown"
+
+
+def _vae_device_dtype(vae: AutoencoderKL) -> tuple[torch.device, torch.dtype]:
+    parameter = next(vae.parameters())
+    return parameter.device, parameter.dtype
+
+
+def _memory_format(vae: AutoencoderKL) -> torch.memory_format:
+    """Inputs follow the VAE's layout (channels_last on CUDA by default), so convs need no transposes."""
+    weight = vae.encoder.conv_in.weight
+    if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.no_grad()
+def encode_moments(vae: AutoencoderKL, pixels_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 pixels [B,3,H,W] -> posterior (mean, std), float32 [B,4,H/8,W/8] on the VAE's device."""
+    if pixels_uint8.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 pixels, got {pixels_uint8.dtype}")
+    device, dtype = _vae_device_dtype(vae)
+    x = (pixels_uint8.to(device, non_blocking=True).to(torch.float32) / 255).to(dtype)  # [0, 1] per EDM2
+    x = x.contiguous(memory_format=_memory_format(vae))
+    # The raw moments, then mean/std in float32: a bf16 exp(logvar/2) would lose the small stds.
+    moments = vae.encode(x).latent_dist.parameters.to(torch.float32)
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    return mean.contiguous(), std.contiguous()
+
+
+@torch.no_grad()
+def decode_to_uint8(vae: AutoencoderKL, latents_scaled: torch.Tensor) -> torch.Tensor:
+    """EDM2-space latents [B,4,h,w] -> uint8 images [B,3,8h,8w] (clamp(0,1)*255, truncated as EDM2)."""
+    device, dtype = _vae_device_dtype(vae)
+    raw = unscale_latents(latents_scaled.to(device, torch.float32)).to(dtype)
+    raw = raw.contiguous(memory_format=_memory_format(vae))
+    images = vae.decode(raw).sample.to(torch.float32)
+    return (images.clamp(0, 1) * 255).to(torch.uint8)

@@ -1,0 +1,41 @@
+"""Joining a torchrun launch from the sampling and metrics CLIs (one GPU per process).
+
+rank, world_size, device = init_distributed()          # WORLD_SIZE > 1: nccl on GPUs, gloo on CPU
+...
+barrier()                                               # no-op in a single process
+"""
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), if any.
+    Returns (rank, world_size, device): cuda:LOCAL_RANK when CUDA is there, else the CPU, unless
+    `device` names one explicitly (single-process runs)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None and world_size == 1:
+        chosen = torch.device(device)
+    elif torch.cuda.is_available():
+        chosen = torch.device("cuda", local_rank)
+    else:
+        chosen = torch.device("cpu")
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if world_size > 1 and not dist.is_initialized():
+        # Generous: rank 0 may spend a long time alone (e.g. streaming 50k PNGs into an .npz).
+        timeout = datetime.timedelta(hours=2)
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo", timeout=timeout)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return rank, world_size, chosen
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
