@@ -1,0 +1,200 @@
+"""Memory planner and FLOP counter (issue 7): python -m pytest tests/test_plan.py
+
+Everything runs on the meta device (nothing is allocated) except the hand counts of single layers.
+"""
+
+import pytest
+import torch
+
+from sida_edm2.engines import enable_activation_checkpointing
+from sida_edm2.flops import (
+    H100_SXM_BF16_DENSE_PEAK,
+    PASSES,
+    build_iteration_networks,
+    count_forward_flops,
+    count_iteration_flops,
+    mfu,
+)
+from sida_edm2.plan import (
+    GIB,
+    NothingFitsError,
+    batch_choices,
+    candidate_plans,
+    main,
+    predict_peak_bytes,
+    recommend,
+)
+from sida_edm2.plan_activations import SavedTensorMeter, fused_attention_on_meta, measure_activations
+
+XS, XXL = "edm2-img512-xs", "edm2-img512-xxl"
+XXL_PARAMS = 1_523_164_773  # DESIGN.md section 3, the Precond with logvar head
+LOGVAR_PARAMS = 128  # logvar_linear.weight [1, 128]: the generator has no logvar head
+
+
+def _plan(**overrides):
+    """An XXL prediction: the CLI test measures the same network, so the meta-device run is shared."""
+    kwargs = dict(preset_name=XXL, batch_gpu=16, gpus=8, zero_stage=2, activation_checkpointing=False,
+                  teacher_partitioned=False)  # fmt: skip
+    return predict_peak_bytes(**{**kwargs, **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The saved-tensor meter.
+
+
+def test_meter_equals_hand_count_for_one_conv_layer():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    with SavedTensorMeter([conv], batch=2) as meter:
+        conv(x)
+    # Conv saves its input (for the weight gradient) and its weight, which is a parameter, not an activation.
+    assert meter.saved_bytes() == 2 * 3 * 8 * 8 * 4
+    assert meter.largest_activation == 2 * 3 * 8 * 8 * 4
+
+
+def test_meter_counts_a_storage_once():
+    net = torch.nn.Module()
+    net.conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    net.scale = torch.nn.Parameter(torch.ones(1, 4, 1, 1))
+    x = torch.randn(2, 3, 8, 8)
+    with SavedTensorMeter([net], batch=2) as meter:
+        z = torch.relu(net.conv(x))  # relu saves its output z
+        _ = z * net.scale  # the product saves z again (for scale's gradient) and scale (a parameter)
+    assert meter.saved_bytes() == (2 * 3 * 8 * 8 + 2 * 4 * 8 * 8) * 4
+
+
+def test_meter_checkpointing_terms_match_real_checkpointing():
+    """kept_with_checkpointing (saved outside the blocks + block inputs) equals what autograd saves when
+    the training's own activation checkpointing wraps every block of G and the fake score."""
+    nets = build_iteration_networks("tiny", device="meta", dtype=torch.float32)
+    modules, checkpointed = list(nets.modules()), [nets.generator, nets.fake_score]
+    expected = {}
+    for name, run_pass in PASSES.items():
+        with SavedTensorMeter(modules, 4, checkpointed) as meter:
+            run_pass(nets, 4)
+        assert 0 < meter.kept_with_checkpointing() < meter.saved_bytes(), name
+        assert max(meter.block_internals()) > 0, name
+        expected[name] = meter.kept_with_checkpointing()
+    for net in checkpointed:
+        enable_activation_checkpointing(net)
+    for name, run_pass in PASSES.items():
+        with SavedTensorMeter(modules, 4, checkpointed=[]) as meter:
+            run_pass(nets, 4)
+        assert meter.saved_bytes() == expected[name], name
+
+
+def test_measured_bytes_are_linear_in_the_batch():
+    acts = measure_activations("tiny", "fp32")
+    nets = build_iteration_networks("tiny", device="meta", dtype=torch.float32)
+    for name, run_pass in PASSES.items():
+        with fused_attention_on_meta(), SavedTensorMeter(list(nets.modules()), 5) as meter:
+            run_pass(nets, 5)
+        assert acts[name].saved.at(5) == meter.saved_bytes(), name
+        assert acts[name].saved.fixed > 0 and acts[name].saved.per_image > 0  # weight copies, activations
+
+
+# ----------------------------------------------------------------------------------------------------
+# The memory model.
+
+
+def test_terms_add_up_and_model_states_come_from_exact_parameter_counts():
+    plan = _plan(zero_stage=0, gpus=1)
+    assert plan.total == sum(plan.terms().values())
+    assert all(value >= 0 for value in plan.terms().values())
+    assert plan.phase in ("fake_score_update", "generator_update", "fake_score_step", "generator_step")
+    n_g, n_f = XXL_PARAMS - LOGVAR_PARAMS, XXL_PARAMS
+    assert plan.params == 2 * (n_g + n_f)  # bf16 working copies
+    assert plan.master_weights == 4 * (n_g + n_f)
+    assert plan.optimizer_states == 8 * (n_g + n_f)
+    assert plan.ema == 4 * n_g
+    assert plan.teacher == 2 * n_f
+
+
+def test_model_states_shrink_with_each_zero_stage():
+    states = [_plan(zero_stage=stage).model_states for stage in (0, 1, 2, 3)]
+    assert states[3] < states[2] < states[1] < states[0]
+    assert _plan(teacher_partitioned=True).teacher == _plan().teacher // 8
+
+
+def test_checkpointing_lowers_saved_tensors():
+    plain, checkpointed = _plan(), _plan(activation_checkpointing=True)
+    assert checkpointed.activations < plain.activations
+    assert checkpointed.saved_weight_copies < plain.saved_weight_copies
+    assert checkpointed.total < plain.total
+
+
+def test_bigger_batches_need_more_memory():
+    totals = [_plan(batch_gpu=b).total for b in (1, 4, 16, 64)]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+
+
+def test_fp16_at_stage_0_is_refused():
+    with pytest.raises(ValueError, match="fp16"):
+        _plan(zero_stage=0, precision="fp16")
+
+
+def test_recommend_fits_the_budget_and_prefers_big_batches():
+    plans = candidate_plans(XXL, gpus=8)
+    best = recommend(XXL, gpus=8, gpu_memory_gib=80, plans=plans, saturating_batch=64)
+    assert best.total <= 0.9 * 80 * GIB
+    fitting = [p for p in plans if p.total <= 0.9 * 80 * GIB]
+    assert best.batch_gpu == min(64, max(p.batch_gpu for p in fitting))
+    same_batch = [p for p in fitting if p.batch_gpu == best.batch_gpu]
+    # Least recomputation, then least sharding of G and the fake score, then a replicated teacher.
+    cost = [(q.activation_checkpointing, q.zero_stage, q.teacher_partitioned) for q in same_batch]
+    assert best == same_batch[cost.index(min(cost))]
+    small = recommend(XXL, gpus=8, gpu_memory_gib=40, plans=plans)
+    assert small.total <= 0.9 * 40 * GIB and small.batch_gpu < best.batch_gpu
+
+
+def test_recommend_raises_a_clear_error_when_nothing_fits():
+    with pytest.raises(NothingFitsError, match=r"smallest predicted peak is .* GiB"):
+        recommend(XXL, gpus=1, gpu_memory_gib=40)
+
+
+def test_batch_choices_divide_the_batch():
+    assert batch_choices(XXL, 8) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    with pytest.raises(ValueError, match="not a multiple of 6 GPUs"):
+        batch_choices(XXL, 6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs.
+
+
+def test_xs_forward_flops_match_the_design_anchor():
+    assert count_forward_flops(XS) == pytest.approx(90e9, rel=0.03)  # DESIGN.md section 7
+
+
+def test_iteration_counts_forward_and_backward_of_both_updates():
+    flops = count_iteration_flops("tiny", batch=2)
+    assert flops.fake_score_backward > flops.fake_score_forward > flops.forward_per_image
+    assert flops.generator_backward > flops.generator_forward > 2 * flops.forward_per_image
+    fake_score = flops.fake_score_forward + flops.fake_score_backward
+    assert flops.per_image == pytest.approx(fake_score + flops.generator_forward + flops.generator_backward)
+    sid = count_iteration_flops("tiny", batch=2, method="sid")
+    assert sid.per_image < flops.per_image  # no real-data discriminator pass
+
+
+def test_mfu():
+    assert mfu(H100_SXM_BF16_DENSE_PEAK / 4) == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--gpu-memory" in capsys.readouterr().out
+
+
+def test_cli_xxl_on_8_gpus(capsys):
+    main(["--preset", "edm2-img512-xxl", "--gpus", "8", "--gpu-memory", "80"])
+    out = capsys.readouterr().out
+    assert out.count("|") == 1 + 16  # header + ZeRO 0-3 x checkpointing x teacher placement
+    assert "recommended: ZeRO-" in out and "train_edm2 flags: --zero-stage" in out
+    total = float(out.split("  total")[1].split("GiB")[0])
+    assert total <= 0.9 * 80
