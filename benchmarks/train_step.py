@@ -1,0 +1,210 @@
+"""Time full SiDA iterations of the real training loop (both updates, EMA, forced normalisation, real
+DeepSpeed engines) on random weights and synthetic latents, and report img/s, MFU and peak memory.
+
+    python benchmarks/train_step.py --preset edm2-img512-xs --batch-gpu 64
+    torchrun --nproc_per_node 2 benchmarks/train_step.py --preset edm2-img512-m --batch-gpu 32 --zero-stage 2
+    python benchmarks/train_step.py --preset edm2-img512-xxl --batch-gpu 16 --activation-checkpointing \
+        --out results/xxl.json
+
+One line of JSON per run goes to --out (appended), so a shell loop over configurations builds a table;
+`--table results.jsonl` prints such a file as markdown. The teacher is an export with random weights
+(gains set to 1 so that no layer computes zeros) written once to --workdir. Iterations run in the SiDA
+phase (both updates, adversarial terms on). FLOPs per image come from sida_edm2.flops (counted once per
+preset on the meta device); MFU is against the H100 SXM dense bf16 peak.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sida_edm2.checkpoints import save_export
+from sida_edm2.flops import H100_SXM_BF16_DENSE_PEAK, count_iteration_flops, mfu
+from sida_edm2.networks import Precond
+from sida_edm2.plan import predict_peak_bytes
+from sida_edm2.presets import get_preset
+from sida_edm2.train_config import resolve_config
+from sida_edm2.training import Trainer
+
+GIB = 2**30
+PEAK = H100_SXM_BF16_DENSE_PEAK
+
+
+def random_teacher(preset: str, workdir: Path) -> Path:
+    """An export of the preset's network with random weights and unit gains (written once, by rank 0)."""
+    path = workdir / f"teacher-{preset}.safetensors"
+    done = path.with_suffix(".done")
+    if int(os.environ.get("RANK", "0")) == 0 and not done.exists():
+        torch.manual_seed(0)
+        net = Precond(**get_preset(preset)["network"])
+        with torch.no_grad():
+            for name, param in net.named_parameters():
+                if name.endswith("_gain"):
+                    param.fill_(1.0)
+        save_export(net, path)
+        done.touch()
+    while not done.exists():
+        time.sleep(1)
+    return path
+
+
+def synthetic_batches(batch_gpu: int, network: dict, device: torch.device):
+    """Endless real-data micro-batches: unit-scale latents and one-hot labels, already on the device."""
+    shape = [batch_gpu, network["img_channels"], network["img_resolution"], network["img_resolution"]]
+    gen = torch.Generator(device).manual_seed(1)
+    while True:
+        latents = torch.randn(shape, generator=gen, device=device) * 0.5
+        labels = torch.randint(network["label_dim"], [batch_gpu], generator=gen, device=device)
+        yield latents, torch.nn.functional.one_hot(labels, network["label_dim"]).float()
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def print_table(path: str) -> None:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    head = (
+        "| preset | GPUs | batch/GPU | ZeRO | ckpt | img/s/GPU | s/kimg | TFLOP/s/GPU | MFU | "
+        "fake-score s | G s | peak alloc GiB | reserved GiB | predicted GiB |"
+    )
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        ckpt = "on" if r["activation_checkpointing"] else "off"
+        print(
+            f"| {r['preset']} | {r['gpus']} | {r['batch_gpu']} | {r['zero_stage']} | {ckpt} | "
+            f"{r['img_s_gpu']:.1f} | {r['s_per_kimg']:.2f} | {r['tflops_gpu']:.0f} | {100 * r['mfu']:.1f}% | "
+            f"{r['fake_score_s']:.3f} | {r['generator_s']:.3f} | "
+            f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['predicted_gib']:.1f} |"
+        )
+
+
+@click.command()
+@click.option("--preset", default="edm2-img512-xs", show_default=True, help="Network preset.")
+@click.option("--batch-gpu", type=int, default=None, help="Images per GPU per micro-batch [preset].")
+@click.option("--rounds", type=int, default=1, show_default=True, help="Accumulation rounds per step.")
+@click.option("--zero-stage", type=click.IntRange(0, 3), default=2, show_default=True, help="ZeRO stage.")
+@click.option("--precision", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True)
+@click.option("--activation-checkpointing", is_flag=True, help="Recompute UNet blocks in backward.")
+@click.option("--teacher-zero3", is_flag=True, help="Partition the teacher with ZeRO-3.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed iterations first.")
+@click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations.")
+@click.option("--workdir", default=None, help="Where the random teacher is written [a temp dir].")
+@click.option("--out", default=None, help="Append one JSON line with the results to this file.")
+@click.option("--table", default=None, help="Only print the markdown table of a results file, then exit.")
+def main(
+    preset,
+    batch_gpu,
+    rounds,
+    zero_stage,
+    precision,
+    activation_checkpointing,
+    teacher_zero3,
+    warmup,
+    iters,
+    workdir,
+    out,
+    table,
+):
+    if table:
+        print_table(table)
+        return
+    workdir = Path(workdir or tempfile.gettempdir())
+    workdir.mkdir(parents=True, exist_ok=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    preset_cfg = get_preset(preset)
+    batch_gpu = batch_gpu or preset_cfg["batch_gpu"]
+    teacher = random_teacher(preset, workdir)
+    cfg = resolve_config(
+        preset,
+        run_dir=str(workdir / f"run-{preset}-{os.getpid()}"),
+        external_data=True,
+        teacher=str(teacher),
+        method="sida",
+        batch=batch_gpu * rounds * world,
+        batch_gpu=batch_gpu,
+        zero_stage=zero_stage,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+        teacher_zero3=teacher_zero3,
+        fake_only_kimg=0.0,
+        sid_only_kimg=0.0,
+        max_kimg=1e9,
+        checkpoint_kimg=1e9,
+        tick_kimg=1e9,
+    )
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(cfg, data_iter=synthetic_batches(batch_gpu, preset_cfg["network"], device))
+    for _ in range(warmup):
+        trainer.run_iteration()
+    split = {"fake_score_s": 0.0, "generator_s": 0.0}
+    total = 0.0
+    for _ in range(iters):
+        phase = training_phase_of(trainer)
+        f = timed(trainer.fake_score_update)
+        g = timed(lambda phase=phase: trainer.generator_update(phase))
+        trainer.nimg += cfg.batch
+        trainer.iteration += 1
+        split["fake_score_s"] += f / iters
+        split["generator_s"] += g / iters
+        total += f + g
+    seconds = total / iters
+    images = batch_gpu * rounds
+    flops = count_iteration_flops(preset, method="sida").per_image
+    img_s = images / seconds
+    plan = predict_peak_bytes(
+        preset, batch_gpu, world, zero_stage, activation_checkpointing, teacher_zero3, precision=precision
+    )
+    result = dict(
+        preset=preset,
+        gpus=world,
+        batch_gpu=batch_gpu,
+        rounds=rounds,
+        zero_stage=zero_stage,
+        precision=precision,
+        activation_checkpointing=activation_checkpointing,
+        teacher_zero3=teacher_zero3,
+        device=torch.cuda.get_device_name(device),
+        img_s_gpu=img_s,
+        s_per_kimg=1000 / (img_s * world),
+        iteration_s=seconds,
+        tflops_gpu=flops * img_s / 1e12,
+        mfu=mfu(flops * img_s, PEAK),
+        peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB,
+        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB,
+        predicted_gib=plan.total / GIB,
+        predicted_terms={k: v / GIB for k, v in plan.terms().items()},
+        flops_per_image=flops,
+        **split,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(result) + "\n")
+    torch.distributed.barrier()
+
+
+def training_phase_of(trainer: Trainer) -> str:
+    from sida_edm2.losses import training_phase
+
+    c = trainer.cfg
+    return training_phase(trainer.nimg, c.fake_only_kimg, c.sid_only_kimg, c.method)
+
+
+if __name__ == "__main__":
+    main()

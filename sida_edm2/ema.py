@@ -1,0 +1,44 @@
+"""Exponential moving average of the generator (or of the network method "edm2" trains), kept in fp32
+from the optimizer's fp32 master weights.
+
+    ema = NetworkEMA(G, device)                             # fp32 copy of G's architecture (rank 0 only)
+    for name, value in visit_master_weights(engine_g, normalize=cfg.force_norm):
+        ema.update(name, value, beta=ema_beta(nimg, batch, ema_mimg))
+
+The EMA is what the run exports and what sample grids show. It lives on one rank: the master values
+arrive whole on every rank anyway (they are gathered for the forced normalisation), and one fp32 copy
+of an XXL generator (6 GB) is enough.
+"""
+
+import copy
+
+import torch
+
+from sida_edm2.losses import ema_update_
+
+
+class NetworkEMA:
+    """An fp32, eval-mode, gradient-free copy of a network whose parameters track its master weights."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,  # Plain (not yet DeepSpeed-wrapped) network; its current weights start the EMA.
+        device: torch.device,  # Where the EMA lives (the rank's GPU, or the CPU).
+    ):
+        self.module = copy.deepcopy(net).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+        self.module.compute_dtype = torch.float32
+        self._params = dict(self.module.named_parameters())
+
+    @torch.no_grad()
+    def update(self, name: str, value: torch.Tensor, beta: float) -> None:
+        """ema <- beta * ema + (1 - beta) * value for the parameter `name` (beta 0 copies the value
+        exactly: lerp with weight 1 returns its end point). `value` may have shape [1] where the EMA's
+        parameter is 0-d (see engines.scalar_params_to_1d_)."""
+        ema = self._params[name]
+        ema_update_([ema], [value.reshape(ema.shape).to(ema.device)], beta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state, strict=True)

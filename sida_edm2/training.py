@@ -1,0 +1,404 @@
+"""SiD / SiDA / SiD²A distillation of an EDM2 teacher into a one-step generator, under DeepSpeed
+(and "edm2": training such a teacher with EDM2's loss, for the demo and the toy reproduction).
+
+    trainer = Trainer(resolve_config("edm2-img512-xs", run_dir="runs/xs", teacher=..., data=...))
+    trainer.train()              # until max_kimg, with ticks, checkpoints, exports and grids
+
+    # Benchmarks: a fixed number of iterations on any iterator of (latents, one-hot) micro-batches.
+    cfg = resolve_config("edm2-img512-xs", run_dir="/tmp/b", teacher=..., external_data=True,
+                         fake_only_kimg=0, sid_only_kimg=0)       # "sida" from the second iteration on
+    trainer = Trainer(cfg, data_iter=synthetic_batches)
+    for _ in range(10):
+        trainer.run_iteration()
+
+One iteration (paper Algorithms 1-3, DESIGN.md sections 5-6), B = batch_gpu, R accumulation rounds:
+ 1. Fake-score update, R rounds: x_g = G(sigma_init z) without grad (eval mode); x_t = x_g + s eps with
+    ln s ~ N(-0.4, 1); the fake score (train mode) gives D_psi, the fake logits and logvar u; SiDA also
+    runs it on the real batch noised with the same s, eps and labels (encoder only). Loss = (sum DSM +
+    lambda_adv_psi * sum discriminator) / (B R); one engine step per micro-batch.
+ 2. Generator update, R rounds, skipped entirely in the fake-score-only phase: x_g = G(sigma_init z)
+    (train mode); s from t ~ U(0, tmax); the frozen teacher gives D_phi, the fake score (eval mode, its
+    parameters frozen, called as engine_f.module) D_psi, logits and u; loss = (w_sid sum SiD + w_adv sum
+    adversarial) / (B R). Gradients reach G only through the inputs of the frozen networks.
+ 3. After each optimizer step: forced weight normalisation of the stepped network's fp32 master
+    weights; after G's step the EMA of G from the same fp32 values.
+Method "edm2" runs only step 1's DSM loss, on real latents instead of generator output, for a fresh
+network of the preset, and keeps the EMA of that network.
+Non-finite per-sample losses are dropped and counted; steps with non-finite gradients are skipped and
+counted. engine.backward(..., scale_wrt_gas=False): the loss is already divided by B*R, and DeepSpeed's
+default would divide by R a second time.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from sida_edm2 import engines
+from sida_edm2.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
+from sida_edm2.ema import NetworkEMA
+from sida_edm2.losses import (
+    adversarial_generator_loss,
+    discriminator_loss,
+    ema_beta,
+    fake_score_loss,
+    fake_score_sigma,
+    finite_sum,
+    generator_loss_weights,
+    generator_sigma,
+    sid_generator_loss,
+    training_phase,
+)
+from sida_edm2.run_state import (
+    capture_rng,
+    check_resume_config,
+    find_latest,
+    load_checkpoint,
+    read_state,
+    remove_partial_checkpoints,
+    restore_rng,
+    save_checkpoint,
+    write_exports,
+)
+from sida_edm2.train_config import TrainConfig, check_inputs_exist
+from sida_edm2.train_data import LabelSampler, derived_seed, draw_step_noise, open_real_data
+from sida_edm2.train_log import RunLog, TickStats, save_sample_grid, tick_values
+from sida_edm2.train_networks import build_networks, seed_everything
+
+
+class Trainer:
+    """Builds the networks and engines, resumes from the run directory if it can, and runs iterations.
+    `data_iter` replaces the latent reader with any iterator of (latents, one-hot) micro-batches of
+    batch_gpu samples (benchmarks); without it, real data is read from cfg.data per segment."""
+
+    def __init__(self, cfg: TrainConfig, data_iter=None):
+        # Configuration and file errors surface before any process group or engine exists.
+        check_inputs_exist(cfg)
+        self.cfg = cfg
+        self.rounds = cfg.accumulation_rounds(engines.world_size_from_env())
+        nets = build_networks(cfg)
+        G, F, self.manifest = nets.generator, nets.denoiser, nets.manifest
+
+        self.env = engines.init_distributed()
+        self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
+        self.precision = cfg.resolved_precision(self.device.type == "cuda")
+        self.use_real_data = cfg.method != "sid"
+        if self.rank == 0:
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(cfg.run_dir)
+        torch.distributed.barrier()
+        self.log = RunLog(cfg.run_dir, self.rank)
+        seed_everything(derived_seed(cfg.seed, self.rank))
+        self.noise = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.rank, 1 << 20))
+        compute_dtype = (
+            engines.COMPUTE_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
+        )
+        trained = [net for net in (G, F) if net is not None]
+        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping.
+        self.ema = NetworkEMA(trained[0], self.device) if self.rank == 0 else None
+        for net in trained:
+            net.compute_dtype = compute_dtype
+            if cfg.activation_checkpointing:
+                blocks = engines.enable_activation_checkpointing(net)
+                self.log.message(f"activation checkpointing: {blocks} blocks recomputed in backward")
+        self.latent_shape = [F.img_channels, F.img_resolution, F.img_resolution]
+        self.labels = LabelSampler(
+            F.label_dim, self.manifest["class_counts"] if self.manifest else None, self.device
+        )
+        ds_config = engines.build_ds_config(
+            engines.load_ds_config(cfg.zero_stage, cfg.ds_config),
+            batch_gpu=cfg.batch_gpu,
+            rounds=self.rounds,
+            world_size=self.world_size,
+            precision=self.precision,
+        )
+        adam = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        self.engine_g = engines.make_engine(G, ds_config, **adam) if G is not None else None
+        self.engine_f = engines.make_engine(F, ds_config, **adam)
+        self.ema_engine = self.engine_f if G is None else self.engine_g
+        # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
+        self.check_grads_here = cfg.zero_stage == 0 and self.precision == "fp32"
+        zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
+        self.teacher = None
+        if nets.teacher is not None:
+            self.teacher = engines.prepare_teacher(nets.teacher, self.device, self.precision, zero3_teacher)
+
+        self.nimg = self.iteration = self.segment = 0
+        self.skipped = {"steps_g": 0, "steps_f": 0}  # optimizer steps skipped for non-finite gradients
+        self.stats = TickStats(self.device)
+        self._resume_or_start()
+        self.data = data_iter if data_iter is not None else self._open_segment_data()
+        self._external_data = data_iter is not None
+
+    # ------------------------------------------------------------------------------------------------
+    # One iteration.
+
+    def run_iteration(self) -> str:
+        """Fake-score update, generator update (unless fake-score-only), EMA. Returns the phase."""
+        cfg = self.cfg
+        if cfg.method == "edm2":
+            phase = "edm2"
+            self.denoiser_update()
+        else:
+            phase = training_phase(self.nimg, cfg.fake_only_kimg, cfg.sid_only_kimg, cfg.method)
+            self.fake_score_update()
+            if phase != "fake_only":
+                self.generator_update(phase)
+        self.nimg += cfg.batch
+        self.iteration += 1
+        return phase
+
+    def fake_score_update(self) -> None:
+        """R micro-batches of the fake-score (and, with real data, discriminator) loss; one optimizer step."""
+        cfg, B = self.cfg, self.cfg.batch_gpu
+        step_batch = B * self.rounds  # the per-GPU batch of one optimizer step
+        step = draw_step_noise(
+            self.noise,
+            step_batch,
+            self.latent_shape,
+            uniform_level=False,
+            labels=None if self.use_real_data else self.labels,
+        )
+        G, F = self.engine_g.module, self.engine_f
+        G.eval()
+        F.module.train()
+        for r in range(self.rounds):
+            noise = step.micro_batch(r, B)
+            labels = noise.labels
+            if self.use_real_data:
+                x_real, labels = self._next_real_batch()
+            with torch.no_grad():
+                x_g = G(cfg.sigma_init * noise.z, cfg.sigma_init, labels)
+            sigma = fake_score_sigma(noise.level)
+            s = sigma.reshape(-1, 1, 1, 1)
+            x_t = x_g + s * noise.eps
+            if self.use_real_data:
+                denoised, logits_fake, logvar = F(x_t, sigma, labels, return_logvar=True, output="both")
+                logits_real = F(x_real + s * noise.eps, sigma, labels, output="disc")
+            else:
+                denoised, logvar = F(x_t, sigma, labels, return_logvar=True)
+            dsm, dsm_dropped = finite_sum(fake_score_loss(denoised, x_g, sigma, logvar))
+            loss = dsm
+            self.stats.add("loss/fake_score", dsm, B - dsm_dropped)
+            self.stats.add("skipped/samples/count", dsm_dropped)
+            if self.use_real_data:
+                disc, disc_dropped = finite_sum(discriminator_loss(logits_real, logits_fake, sigma, logvar))
+                loss = loss + cfg.lambda_adv_psi * disc
+                self.stats.add("loss/discriminator", disc, B - disc_dropped)
+                self.stats.add("skipped/samples/count", disc_dropped)
+            F.backward(loss / step_batch, scale_wrt_gas=False)
+            self._step(F, "steps_f")
+
+    def generator_update(self, phase: str) -> None:
+        """R micro-batches of the generator loss of `phase` ("sid" or "sida"); one optimizer step + EMA."""
+        cfg, B = self.cfg, self.cfg.batch_gpu
+        step_batch = B * self.rounds
+        w_sid, w_adv = generator_loss_weights(phase, cfg.lambda_sid, cfg.lambda_adv_theta)
+        step = draw_step_noise(
+            self.noise, step_batch, self.latent_shape, uniform_level=True, labels=self.labels
+        )
+        G, F = self.engine_g, self.engine_f.module
+        G.module.train()
+        # The fake score serves as a frozen function here (DESIGN.md 6): no parameter gradients, called
+        # through .module so that its engine sees no forward/backward of its own.
+        F.eval().requires_grad_(False)
+        try:
+            for r in range(self.rounds):
+                noise = step.micro_batch(r, B)
+                x_g = G(cfg.sigma_init * noise.z, cfg.sigma_init, noise.labels)
+                sigma = generator_sigma(noise.level * cfg.tmax)
+                x_t = x_g + sigma.reshape(-1, 1, 1, 1) * noise.eps
+                d_teacher = self.teacher(x_t, sigma, noise.labels)
+                if w_adv:
+                    d_fake, logits, logvar = F(x_t, sigma, noise.labels, return_logvar=True, output="both")
+                else:
+                    d_fake, logvar = F(x_t, sigma, noise.labels, return_logvar=True)
+                sid = sid_generator_loss(d_teacher, d_fake, x_g, logvar, alpha=cfg.alpha)
+                per_sample = w_sid * sid
+                self._log_mean("loss/sid", sid)
+                if w_adv:
+                    adv = adversarial_generator_loss(logits, d_teacher, x_g, logvar)
+                    per_sample = per_sample + w_adv * adv
+                    self._log_mean("loss/adversarial", adv)
+                total, dropped = finite_sum(per_sample)
+                self.stats.add("skipped/samples/count", dropped)
+                G.backward(total / step_batch, scale_wrt_gas=False)
+                self._step(G, "steps_g")
+        finally:
+            F.requires_grad_(True)
+
+    def denoiser_update(self) -> None:
+        """Method "edm2": R micro-batches of EDM2's loss (logvar-weighted DSM) on real latents."""
+        B = self.cfg.batch_gpu
+        step_batch = B * self.rounds
+        step = draw_step_noise(self.noise, step_batch, self.latent_shape, uniform_level=False, labels=None)
+        F = self.engine_f
+        F.module.train()
+        for r in range(self.rounds):
+            noise = step.micro_batch(r, B)
+            x, labels = self._next_real_batch()
+            sigma = fake_score_sigma(noise.level)
+            denoised, logvar = F(
+                x + sigma.reshape(-1, 1, 1, 1) * noise.eps, sigma, labels, return_logvar=True
+            )
+            loss, dropped = finite_sum(fake_score_loss(denoised, x, sigma, logvar))
+            self.stats.add("loss/denoiser", loss, B - dropped)
+            self.stats.add("skipped/samples/count", dropped)
+            F.backward(loss / step_batch, scale_wrt_gas=False)
+            self._step(F, "steps_f")
+
+    def _log_mean(self, name: str, per_sample: torch.Tensor) -> None:
+        total, dropped = finite_sum(per_sample.detach())
+        self.stats.add(name, total, per_sample.shape[0] - dropped)
+
+    def _step(self, engine, counter: str) -> None:
+        """engine.step() after every micro-batch; at the accumulation boundary also the skip accounting,
+        the forced weight normalisation and (for G) the EMA."""
+        boundary = engine.is_gradient_accumulation_boundary()
+        dropped = boundary and self.check_grads_here and drop_nonfinite_grads_(engine)
+        skipped_before = engine.skipped_steps
+        engine.step()
+        if not boundary:
+            return
+        skipped = dropped or engine.skipped_steps != skipped_before
+        self.skipped[counter] += int(skipped)
+        self.stats.add("skipped/steps/count", int(skipped))
+        normalize = self.cfg.force_norm and not skipped
+        if engine is self.ema_engine:
+            beta = ema_beta(self.nimg, self.cfg.batch, self.cfg.ema_mimg)
+            for name, value in visit_master_weights(engine, normalize=normalize):
+                if self.ema is not None:
+                    self.ema.update(name, value, beta)
+        elif normalize:
+            normalize_master_weights_(engine)
+
+    def _next_real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        latents, onehot = next(self.data)
+        if latents.shape[0] != self.cfg.batch_gpu:
+            raise RuntimeError(
+                f"real micro-batch of {latents.shape[0]} samples, expected {self.cfg.batch_gpu}"
+            )
+        latents = latents.to(self.device, torch.float32, non_blocking=True)
+        onehot = onehot.to(self.device, torch.float32, non_blocking=True) if self.labels.label_dim else None
+        return latents, onehot
+
+    # ------------------------------------------------------------------------------------------------
+    # The run: start or resume, ticks, checkpoints.
+
+    def _run_config(self) -> dict:
+        return {**self.cfg.to_dict(), "world_size": self.world_size, "precision": self.precision}
+
+    def _engines(self) -> dict:
+        """The trained networks' engines by checkpoint tag."""
+        return {tag: e for tag, e in (("G", self.engine_g), ("F", self.engine_f)) if e is not None}
+
+    def _resume_or_start(self) -> None:
+        latest = find_latest(self.cfg.run_dir)
+        if latest is None:
+            if self.cfg.force_norm and self.engine_g is not None:
+                normalize_master_weights_(self.engine_f)
+            for name, value in visit_master_weights(self.ema_engine, normalize=self.cfg.force_norm):
+                if self.ema is not None:
+                    self.ema.update(name, value, beta=0.0)
+            self.log.message(f"starting {self.cfg.method} in {self.cfg.run_dir}")
+            return
+        state = read_state(latest)
+        changed = check_resume_config(state["config"], self._run_config())
+        rng = load_checkpoint(latest, self._engines(), self.ema, self.rank)
+        self.nimg, self.iteration, self.segment = state["nimg"], state["iteration"], state["segment"]
+        self.skipped = state["skipped"]
+        restore_rng(rng, self.noise)
+        self.log.message(
+            f"resumed from {latest} at kimg {self.nimg / 1000:.3f}"
+            + (f" (changed settings: {', '.join(changed)})" if changed else "")
+        )
+
+    def _open_segment_data(self):
+        if not self.use_real_data:
+            return None
+        return open_real_data(
+            self.cfg.data,
+            self.cfg.batch_gpu,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.cfg.seed,
+            segment=self.segment,
+            num_workers=self.cfg.num_workers,
+        )
+
+    def save(self) -> None:
+        """Checkpoint (engines, EMA, counters, RNG states), exports, then the next data segment."""
+        self.segment += 1
+        state = {
+            "nimg": self.nimg,
+            "iteration": self.iteration,
+            "segment": self.segment,
+            "skipped": self.skipped,
+            "config": self._run_config(),
+        }
+        path = save_checkpoint(
+            self.cfg.run_dir,
+            self.iteration,
+            self._engines(),
+            self.ema,
+            state,
+            capture_rng(self.noise),
+            self.cfg.keep_checkpoints,
+            self.rank,
+        )
+        if self.ema is not None:
+            write_exports(self.ema.module, self.cfg.run_dir, self.nimg)
+        if not self._external_data:
+            self.data = self._open_segment_data()
+        self.log.message(f"saved {path}")
+
+    def train(self) -> None:
+        """Iterate until max_kimg; tick, checkpoint and grid at their kimg intervals and at the end."""
+        cfg = self.cfg
+        max_img = round(cfg.max_kimg * 1000)
+        intervals = {
+            "tick": cfg.tick_kimg,
+            "ckpt": cfg.checkpoint_kimg,
+            "grid": cfg.grid_kimg or cfg.checkpoint_kimg,
+        }
+        every = {name: max(1, round(kimg * 1000)) for name, kimg in intervals.items()}
+        vae = None
+        if cfg.vae and self.rank == 0:
+            from latent.vae import load_vae
+
+            vae = load_vae(cfg.vae, self.device)
+        if self.nimg >= max_img:
+            self.log.message(f"nothing to do: the run is at kimg {self.nimg / 1000:.3f} >= --max-kimg")
+        tick_start, tick_nimg, maintenance = time.perf_counter(), self.nimg, 0.0
+        while self.nimg < max_img:
+            before = self.nimg
+            phase = self.run_iteration()
+            done = self.nimg >= max_img
+
+            def crossed(name, before=before):
+                return self.nimg // every[name] > before // every[name]
+
+            if crossed("tick") or done:
+                elapsed = time.perf_counter() - tick_start
+                values = tick_values(
+                    self.stats.reduce(), self, phase, elapsed, maintenance, self.nimg - tick_nimg
+                )
+                self.log.tick(values)
+                tick_start, tick_nimg, maintenance = time.perf_counter(), self.nimg, 0.0
+            t0 = time.perf_counter()
+            if crossed("ckpt") or done:
+                self.save()
+            if (crossed("grid") or done) and self.ema is not None:
+                grid = self.log.run_dir / "grids" / f"grid-{self.nimg // 1000:07d}.png"
+                # An "edm2" network is a multi-step denoiser: its grid uses EDM2's 32-step Heun sampler.
+                steps = 32 if cfg.method == "edm2" else 0
+                save_sample_grid(self.ema.module, grid, cfg.sigma_init, vae=vae, heun_steps=steps)
+            maintenance += time.perf_counter() - t0
+        self.log.close()
+
+
+def train(cfg: TrainConfig, data_iter=None) -> Trainer:
+    """Run (or resume) the whole run described by cfg; returns the finished Trainer."""
+    trainer = Trainer(cfg, data_iter=data_iter)
+    trainer.train()
+    return trainer
