@@ -115,6 +115,18 @@ def _default(field: str):
     "--teacher-zero3", is_flag=True, help="Partition the teacher with ZeRO-3 instead of replicating it."
 )
 @click.option(
+    "--weight-cache/--no-weight-cache",
+    default=_default("weight_cache"),
+    help="Bake the teacher's weights; cache the frozen fake score's in the generator update.",
+)
+@click.option(
+    "--weight-recompute/--no-weight-recompute",
+    default=_default("weight_recompute"),
+    help="Recompute normalised weights in backward instead of keeping copies (saves memory).",
+)
+@click.option("--channels-last", is_flag=True, help="Run the UNets on channels-last activations.")
+@click.option("--compile", is_flag=True, help="torch.compile every UNet block (slow first iterations).")
+@click.option(
     "--keep-checkpoints", type=int, default=_default("keep_checkpoints"), help="Checkpoints kept on disk."
 )
 @click.option(

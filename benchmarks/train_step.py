@@ -5,6 +5,8 @@ DeepSpeed engines) on random weights and synthetic latents, and report img/s, MF
     torchrun --nproc_per_node 2 benchmarks/train_step.py --preset edm2-img512-m --batch-gpu 32 --zero-stage 2
     python benchmarks/train_step.py --preset edm2-img512-xxl --batch-gpu 16 --activation-checkpointing \
         --out results/xxl.json
+    python benchmarks/train_step.py --channels-last --compile          # speed switches (sida_edm2.speed)
+    python benchmarks/train_step.py --no-weight-cache --no-weight-recompute    # "eager": the plain networks
 
 One line of JSON per run goes to --out (appended), so a shell loop over configurations builds a table;
 `--table results.jsonl` prints such a file as markdown. The teacher is an export with random weights
@@ -73,10 +75,17 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def options_label(cfg) -> str:
+    """The speed switches of a run, e.g. "cache+recompute+cl+compile"; "eager" when all are off."""
+    names = [("cache", cfg.weight_cache), ("recompute", cfg.weight_recompute),
+             ("cl", cfg.channels_last), ("compile", cfg.compile)]  # fmt: skip
+    return "+".join(name for name, on in names if on) or "eager"
+
+
 def print_table(path: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     head = (
-        "| preset | GPUs | batch/GPU | ZeRO | ckpt | img/s/GPU | s/kimg | TFLOP/s/GPU | MFU | "
+        "| preset | GPUs | batch/GPU | ZeRO | ckpt | options | img/s/GPU | s/kimg | TFLOP/s/GPU | MFU | "
         "fake-score s | G s | peak alloc GiB | reserved GiB | predicted GiB |"
     )
     print(head)
@@ -85,6 +94,7 @@ def print_table(path: str) -> None:
         ckpt = "on" if r["activation_checkpointing"] else "off"
         print(
             f"| {r['preset']} | {r['gpus']} | {r['batch_gpu']} | {r['zero_stage']} | {ckpt} | "
+            f"{r.get('options', 'cache+recompute')} | "
             f"{r['img_s_gpu']:.1f} | {r['s_per_kimg']:.2f} | {r['tflops_gpu']:.0f} | {100 * r['mfu']:.1f}% | "
             f"{r['fake_score_s']:.3f} | {r['generator_s']:.3f} | "
             f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['predicted_gib']:.1f} |"
@@ -99,6 +109,12 @@ def print_table(path: str) -> None:
 @click.option("--precision", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True)
 @click.option("--activation-checkpointing", is_flag=True, help="Recompute UNet blocks in backward.")
 @click.option("--teacher-zero3", is_flag=True, help="Partition the teacher with ZeRO-3.")
+@click.option("--weight-cache/--no-weight-cache", default=True, show_default=True,
+              help="Baked teacher weights; cached fake-score weights in the generator update.")  # fmt: skip
+@click.option("--weight-recompute/--no-weight-recompute", default=True, show_default=True,
+              help="Recompute normalised weights in backward instead of keeping copies.")  # fmt: skip
+@click.option("--channels-last", is_flag=True, help="Channels-last activations in the UNets.")
+@click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile every UNet block.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed iterations first.")
 @click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations.")
 @click.option("--workdir", default=None, help="Where the random teacher is written [a temp dir].")
@@ -112,6 +128,10 @@ def main(
     precision,
     activation_checkpointing,
     teacher_zero3,
+    weight_cache,
+    weight_recompute,
+    channels_last,
+    compile_blocks,
     warmup,
     iters,
     workdir,
@@ -139,6 +159,10 @@ def main(
         precision=precision,
         activation_checkpointing=activation_checkpointing,
         teacher_zero3=teacher_zero3,
+        weight_cache=weight_cache,
+        weight_recompute=weight_recompute,
+        channels_last=channels_last,
+        compile=compile_blocks,
         fake_only_kimg=0.0,
         sid_only_kimg=0.0,
         max_kimg=1e9,
@@ -178,6 +202,7 @@ def main(
         precision=precision,
         activation_checkpointing=activation_checkpointing,
         teacher_zero3=teacher_zero3,
+        options=options_label(cfg),
         device=torch.cuda.get_device_name(device),
         img_s_gpu=img_s,
         s_per_kimg=1000 / (img_s * world),

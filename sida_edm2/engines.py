@@ -141,18 +141,28 @@ def make_engine(
 
 
 def prepare_teacher(
-    teacher: torch.nn.Module, device: torch.device, precision: str, zero3_config: dict | None
+    teacher: torch.nn.Module,
+    device: torch.device,
+    precision: str,
+    zero3_config: dict | None,
+    bake_weights: bool = False,
 ):
     """The frozen teacher in eval mode, parameters in the training's half precision (fp32 on CPU).
 
     Replicated on every rank by default; with `zero3_config` (a ZeRO-3 config without optimizer) it is
     partitioned by a ZeRO-3 inference engine and the engine's module is returned. Buffers (the Fourier
-    features) stay float32: they only feed fp32 embedding maths.
+    features) stay float32: they only feed fp32 embedding maths. bake_weights: its conv weights are
+    replaced once by their effective weights (sida_edm2.speed.bake_effective_weights_; same outputs,
+    no per-forward renormalisation), before any partitioning.
     """
+    from sida_edm2.speed import bake_effective_weights_
+
     dtype = COMPUTE_DTYPES[precision] if device.type == "cuda" else torch.float32
     teacher.requires_grad_(False).eval()
     teacher.compute_dtype = dtype
     if zero3_config is not None:
+        if bake_weights:
+            bake_effective_weights_(teacher, dtype)
         deepspeed = import_deepspeed()
         scalar_params_to_1d_(teacher)
         engine, *_ = deepspeed.initialize(model=teacher, config=copy.deepcopy(zero3_config))
@@ -161,6 +171,8 @@ def prepare_teacher(
         param.data = param.data.to(device=device, dtype=dtype)
     for buffer in teacher.buffers():
         buffer.data = buffer.data.to(device=device)
+    if bake_weights:
+        bake_effective_weights_(teacher)  # on the device, from the weights in dtype
     return teacher
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sida_edm2 import speed
 from sida_edm2.losses import (
     adversarial_generator_loss,
     discriminator_loss,
@@ -60,7 +61,8 @@ def network_kwargs(network: str | dict) -> dict:
 class IterationNetworks:
     generator: Precond  # G: the teacher's architecture without logvar head, trainable
     fake_score: Precond  # f_psi: with logvar head, trainable
-    teacher: Precond  # frozen, always in eval mode
+    teacher: Precond  # frozen, always in eval mode, its weights baked (sida_edm2.speed)
+    cache_fake_score_weights: bool = True  # cache the frozen fake score's weights in the generator pass
 
     def modules(self) -> tuple[Precond, Precond, Precond]:
         return self.generator, self.fake_score, self.teacher
@@ -83,6 +85,7 @@ def build_iteration_networks(
         net.to(dtype=dtype)
         net.compute_dtype = dtype
     nets.teacher.requires_grad_(False).eval()
+    speed.bake_effective_weights_(nets.teacher)  # as the training does: the teacher never changes
     return nets
 
 
@@ -134,6 +137,9 @@ def generator_pass(nets: IterationNetworks, batch: int, method: str = "sida") ->
     d_teacher = teacher(x_t, sigma, labels)
     # The graph records the frozen state while it is built, so requires_grad can be restored right after.
     F.eval().requires_grad_(False)
+    # The training caches the frozen fake score's effective weights during its generator update; here
+    # the cache stays filled after the pass (sida_edm2.plan_activations measures it) until the next one.
+    speed.cache_effective_weights(F, nets.cache_fake_score_weights)
     try:
         if method == "sid":
             d_fake, logvar = F(x_t, sigma, labels, return_logvar=True)

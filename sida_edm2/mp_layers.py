@@ -94,12 +94,94 @@ class MPFourier(torch.nn.Module):
         return y.to(x.dtype)
 
 
+def effective_weight(
+    weight: torch.Tensor, gain: float | torch.Tensor, dtype: torch.dtype, channels_last: bool = False
+) -> torch.Tensor:
+    """What an MPConv multiplies with: normalize(weight) * gain / sqrt(fan_in), computed in float32, then
+    cast to `dtype` (and, for a conv kernel, laid out channels-last on request). A 0-d tensor gain is
+    divided in its own dtype, as in EDM2; the product with the float32 weight stays float32 because a
+    0-d (or [1]-shaped) tensor does not promote it."""
+    w = normalize(weight.to(torch.float32))
+    w = w * (gain / math.sqrt(w[0].numel()))
+    w = w.to(dtype)
+    if channels_last and w.ndim == 4:
+        w = w.contiguous(memory_format=torch.channels_last)
+    return w
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D activation is laid out channels-last (and not also plain contiguous, as C=1 or
+    1x1 maps are)."""
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _apply_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if w.ndim == 2:
+        return x @ w.t()
+    return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+
+
+def _apply_weight_backward(
+    grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor, need_x: bool, need_w: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of _apply_weight with respect to x and w: the kernels autograd itself runs for them."""
+    if w.ndim == 2:  # x: [B, in] (checked by the caller), y = x @ w.t()
+        return (grad @ w if need_x else None), (grad.t() @ x if need_w else None)
+    pad = w.shape[-1] // 2
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [need_x, need_w, False]
+    )
+    return grad_x, grad_w
+
+
+class _RecomputedWeightMPConv(torch.autograd.Function):
+    """y = _apply_weight(x, effective_weight(weight, gain)) that keeps only x, the weight parameter and
+    the gain for backward: the effective weight (a float32 and a compute-dtype copy of every weight,
+    about 6 bytes per parameter in bf16) is recomputed in backward by the very same ops, so the
+    gradients equal those of the plain graph bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gain, channels_last):
+        ctx.save_for_backward(x, weight, gain if isinstance(gain, torch.Tensor) else None)
+        ctx.float_gain = None if isinstance(gain, torch.Tensor) else gain
+        ctx.channels_last = channels_last
+        return _apply_weight(x, effective_weight(weight, gain, x.dtype, channels_last))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, gain_tensor = ctx.saved_tensors
+        need_x, need_weight, need_gain, _ = ctx.needs_input_grad
+        need_w = need_weight or need_gain
+        with torch.set_grad_enabled(need_w):
+            weight_ = weight.detach().requires_grad_(need_weight)
+            gain_ = ctx.float_gain if gain_tensor is None else gain_tensor.detach().requires_grad_(need_gain)
+            w = effective_weight(weight_, gain_, x.dtype, ctx.channels_last)
+        grad_x, grad_w = _apply_weight_backward(grad, x, w.detach(), need_x, need_w)
+        grad_weight = grad_gain = None
+        if need_w:
+            inputs = [t for t, need in ((weight_, need_weight), (gain_, need_gain)) if need]
+            grads = list(torch.autograd.grad(w, inputs, grad_w))
+            grad_weight = grads.pop(0) if need_weight else None
+            grad_gain = grads.pop(0) if need_gain else None
+        return grad_x, grad_weight, grad_gain, None
+
+
 class MPConv(torch.nn.Module):
     """Bias-free linear layer (kernel []) or 2-D convolution (kernel [k, k]) with weight normalisation.
 
     The effective weight is normalize(weight) * gain / sqrt(fan_in), computed in float32 and then cast to
-    the input dtype. The stored weight is never modified here (see sida_edm2.weight_norm).
+    the input dtype. The stored weight is never modified here (see sida_edm2.weight_norm). Three switches
+    change how it is computed, never what (sida_edm2.speed sets them on a whole network):
+    - `recompute_weight` (default on): the effective weight is recomputed in backward instead of being
+      kept for it (see _RecomputedWeightMPConv). Off inside torch.compile, whose partitioner decides that.
+    - `cache_weight`: while the weight gets no gradient (frozen, or grad disabled), the effective weight
+      is computed once and reused until `invalidate_weight_cache` (or an in-place change of the weight or
+      gain that bumps its version). Not under torch.compile, not for ZeRO-3 partitioned weights.
+    - `weight_is_effective`: the stored weight already is the effective weight (the frozen teacher,
+      baked once by sida_edm2.speed.bake_effective_weights_); the gain argument is then ignored.
     """
+
+    recompute_weight: bool = True  # Class-wide default; instances override it.
 
     def __init__(
         self,
@@ -111,13 +193,48 @@ class MPConv(torch.nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+        self.cache_weight = False
+        self.weight_is_effective = False
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def invalidate_weight_cache(self) -> None:
+        """Drop the cached effective weight (call after the weight or its gain changed in place)."""
+        self._weight_cache = None
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
-        w = normalize(self.weight.to(torch.float32))
-        # A 0-d tensor gain (emb_gain, out_gain) is divided in its own dtype, as in EDM2; the product with
-        # the float32 weight stays float32 because 0-d tensors do not promote.
-        w = w * (gain / math.sqrt(w[0].numel()))
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        channels_last = is_channels_last(x)
+        if self.weight_is_effective:
+            w = self.weight.to(x.dtype)
+            return _apply_weight(x, w.contiguous(memory_format=torch.channels_last) if channels_last else w)
+        grad = torch.is_grad_enabled()
+        weight_grad = grad and (self.weight.requires_grad or _requires_grad(gain))
+        compiling = torch.compiler.is_compiling()
+        if self.cache_weight and not weight_grad and not compiling and not hasattr(self.weight, "ds_status"):
+            return _apply_weight(x, self._cached_effective_weight(gain, x.dtype, channels_last))
+        if (
+            self.recompute_weight
+            and (weight_grad or (grad and x.requires_grad))
+            and not compiling
+            and not _autocast_enabled(x.device.type)  # autocast would not reach the backward
+            and (self.weight.ndim == 4 or x.ndim == 2)
+        ):
+            return _RecomputedWeightMPConv.apply(x, self.weight, gain, channels_last)
+        return _apply_weight(x, effective_weight(self.weight, gain, x.dtype, channels_last))
+
+    def _cached_effective_weight(self, gain, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+        # Versions catch in-place updates made through autograd-visible ops (plain optimizers,
+        # normalize_rows_); DeepSpeed writes through .data, hence the explicit invalidation.
+        gain_key = (id(gain), gain._version) if isinstance(gain, torch.Tensor) else float(gain)
+        key = (dtype, channels_last, self.weight.device, self.weight._version, gain_key)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            with torch.no_grad():
+                self._weight_cache = (key, effective_weight(self.weight, gain, dtype, channels_last))
+        return self._weight_cache[1]
+
+
+def _requires_grad(gain: float | torch.Tensor) -> bool:
+    return isinstance(gain, torch.Tensor) and gain.requires_grad
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)

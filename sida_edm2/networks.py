@@ -16,7 +16,16 @@ import math
 
 import torch
 
-from sida_edm2.mp_layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
+from sida_edm2.mp_layers import (
+    MPConv,
+    MPFourier,
+    is_channels_last,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    normalize,
+    resample,
+)
 
 # The fixed noise level at which the one-step generator is evaluated (paper Table 7, sigma_init).
 SIGMA_INIT = 2.5
@@ -90,12 +99,20 @@ class Block(torch.nn.Module):
         """Cosine attention. The qkv channels are interleaved per head as [heads, C_head, 3]: this is
         what makes official EDM2 weights work, a [3, heads, C_head] split would not."""
         N, C, H, W = x.shape
-        qkv = self.attn_qkv(x).reshape(N, self.num_heads, -1, 3, H * W)
-        # Each of q, k, v: [N, heads, C_head, HW], normalised over C_head. SDPA computes
-        # softmax(q^T k / sqrt(C_head)) v in the [N, heads, HW, C_head] layout; its fused kernels want the
-        # last dimension contiguous.
-        q, k, v = (t.transpose(2, 3).contiguous() for t in normalize(qkv, dim=2).unbind(3))
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        qkv = self.attn_qkv(x)
+        if is_channels_last(qkv):
+            # Channels innermost: [N, HW, heads, C_head, 3] is a view; the same values as below.
+            qkv = qkv.permute(0, 2, 3, 1).reshape(N, H * W, self.num_heads, -1, 3)
+            q, k, v = (t.transpose(1, 2).contiguous() for t in normalize(qkv, dim=3).unbind(4))
+        else:
+            # Each of q, k, v: [N, heads, C_head, HW], normalised over C_head. SDPA computes
+            # softmax(q^T k / sqrt(C_head)) v in the [N, heads, HW, C_head] layout; its fused kernels
+            # want the last dimension contiguous.
+            qkv = qkv.reshape(N, self.num_heads, -1, 3, H * W)
+            q, k, v = (t.transpose(2, 3).contiguous() for t in normalize(qkv, dim=2).unbind(3))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # [N, heads, HW, C_head]
+        if is_channels_last(x):
+            return self.attn_proj(y.transpose(1, 2).reshape(N, H, W, C).permute(0, 3, 1, 2))
         return self.attn_proj(y.transpose(2, 3).reshape(N, C, H, W))
 
 
@@ -166,6 +183,14 @@ class UNet(torch.nn.Module):
                 )
         self.out_conv = MPConv(cout, img_channels, [3, 3])
 
+    def embedding(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        """The noise/label embedding every block is modulated by (its own method so it can be compiled)."""
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            label_emb = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
+            emb = mp_sum(emb, label_emb, t=self.label_balance)
+        return mp_silu(emb)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -177,12 +202,7 @@ class UNet(torch.nn.Module):
         Returns F (output "denoised"), the float32 discriminator map ("disc"), or (F, disc) ("both")."""
         if output not in OUTPUT_MODES:
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
-        emb = self.emb_noise(self.emb_fourier(noise_labels))
-        if self.emb_label is not None:
-            label_emb = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
-            emb = mp_sum(emb, label_emb, t=self.label_balance)
-        emb = mp_silu(emb)
-
+        emb = self.embedding(noise_labels, class_labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
@@ -250,6 +270,8 @@ class Precond(torch.nn.Module):
         self.sigma_data = sigma_data
         # Writable: e.g. torch.bfloat16. float16 runs only on CUDA (EDM2 behaviour).
         self.compute_dtype = torch.float16 if use_fp16 else torch.float32
+        # Writable: run the UNet on channels-last activations (same values; faster convolutions on GPU).
+        self.channels_last = False
         self.unet = UNet(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs
         )
@@ -289,14 +311,18 @@ class Precond(torch.nn.Module):
 
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         c_noise = c_noise.flatten()
-        result = self.unet((c_in * x).to(dtype), c_noise, class_labels, output=output)
+        x_in = (c_in * x).to(dtype)
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        result = self.unet(x_in, c_noise, class_labels, output=output)
+        # Outputs leave in the standard layout whatever the UNet ran in (a copy only with channels_last).
         if output == "denoised":
-            outputs = (c_skip * x + c_out * result.to(torch.float32),)
+            outputs = (c_skip * x + c_out * result.to(torch.float32).contiguous(),)
         elif output == "disc":
-            outputs = (result,)
+            outputs = (result.contiguous(),)
         else:
             F_x, disc = result
-            outputs = (c_skip * x + c_out * F_x.to(torch.float32), disc)
+            outputs = (c_skip * x + c_out * F_x.to(torch.float32).contiguous(), disc.contiguous())
         if return_logvar:
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             outputs = (*outputs, logvar.to(torch.float32))

@@ -21,10 +21,11 @@ The model (bytes per GPU; N = parameters of a network, W = GPUs, lp = 2 for bf16
   from stage 1). The peak is the largest of
   these four phases; `MemoryPlan.phase` names it.
 - Saved tensors are measured, not estimated (sida_edm2.plan_activations): the replica of both updates
-  runs on the meta device; a batch-independent part (`saved_weight_copies`: the normalised weights each
-  MPConv recomputes per forward and autograd keeps) and a per-image part (`activations`). With
-  activation checkpointing: what is saved outside the checkpointed blocks, plus the block inputs, plus
-  the internals of the largest single block call (held while it is recomputed).
+  runs on the meta device with the training's default speed switches (sida_edm2.speed); a batch-
+  independent part (`saved_weight_copies`: with weight recomputation essentially the frozen fake
+  score's cached weights in the generator update, below ZeRO-3) and a per-image part (`activations`).
+  With activation checkpointing (blocks of all three networks): what is saved outside the blocks, plus
+  the block inputs, plus the internals of the largest single block call (held while it is recomputed).
 - Workspace (an assumption, not measured): WORKSPACE_FACTOR x the largest single saved activation, for
   the gradient of an activation, the gradient of its input and kernel scratch, live together in backward.
 Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (reserved minus allocated):
@@ -163,7 +164,8 @@ def predict_peak_bytes(
         zero3_buffers=reduce_buckets + (gathered if stage == 3 or teacher_partitioned else 0),
         step_noise=4 * step_images * (2 * C * R * R + labels + 1),
     )
-    activations = measure_activations(network, precision)
+    # ZeRO-3 partitioned weights are never cached (sida_edm2.speed).
+    activations = measure_activations(network, precision, weight_cache=stage < 3)
     candidates = []
     for update, n in (("fake_score", n_f), ("generator", n_g)):
         gradients = lp * (n_g + n_f) / W if stage == 3 else lp * sharded(n, 2)
@@ -211,7 +213,9 @@ def batch_choices(preset_name: str, gpus: int) -> list[int]:
 
 def candidate_plans(preset_name: str, gpus: int, precision: str = "bf16") -> list[MemoryPlan]:
     """Predictions for every ZeRO stage x checkpointing x teacher placement x per-GPU batch."""
-    stages = (1, 2, 3) if precision == "fp16" else (0, 1, 2, 3)
+    # ZeRO stage 0 trains in fp32 only (engines.build_ds_config): its half-precision optimizer wrapper
+    # keeps master weights that forced weight normalisation cannot reach.
+    stages = (0, 1, 2, 3) if precision == "fp32" else (1, 2, 3)
     return [
         predict_peak_bytes(preset_name, batch_gpu, gpus, stage, checkpointing, partitioned, precision)
         for stage in stages

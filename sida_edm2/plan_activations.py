@@ -10,10 +10,15 @@ the micro-batch, so two runs split them into a batch-independent part (the norma
 MPConv makes per forward and autograd keeps) and a per-image part (activations). Attention is routed to
 the flash-attention op so that it saves what the GPU's fused kernels save (q, k, v, output and
 logsumexp); on the meta device scaled_dot_product_attention would otherwise take the math path and
-keep the full attention matrix. With activation checkpointing (every UNet block of G and the fake score
-recomputed in backward; the teacher is not checkpointed) what stays saved is everything saved outside
-those blocks plus the block inputs; the largest single block call's internals come on top while it is
-recomputed.
+keep the full attention matrix. With activation checkpointing (every UNet block of G, the fake score
+and the teacher recomputed in backward) what stays saved is everything saved outside those blocks plus
+the block inputs and the cached weights; the largest single block call's internals come on top while it
+is recomputed.
+
+The networks use the training's speed options (sida_edm2.speed): the teacher's weights baked, MPConv
+weights recomputed in backward (inside checkpointed blocks not: the block recomputation already frees
+them), and, with `weight_cache`, the frozen fake score's effective weights cached during the generator
+update (a compute-dtype copy of its weights, measured as batch-independent saved bytes).
 """
 
 import contextlib
@@ -23,6 +28,7 @@ import json
 
 import torch
 
+from sida_edm2 import speed
 from sida_edm2.flops import PASSES, build_iteration_networks, network_kwargs
 from sida_edm2.networks import Block
 
@@ -55,6 +61,7 @@ class SavedTensorMeter:
         self.contexts: dict[int, set] = {}  # storage key -> block calls (None: outside) that saved it
         self.block_inputs: list[set[int]] = []  # per block call: storage keys of its tensor arguments
         self.largest_activation = 0  # bytes of the largest saved tensor with the batch as first dimension
+        self.persistent: set[int] = set()  # storage keys that stay allocated whatever checkpointing does
         self._running: list[int] = []
         self._keep: list[torch.Tensor] = []  # keeps storages alive so their keys stay unique
 
@@ -94,13 +101,23 @@ class SavedTensorMeter:
         for handle in self._handles:
             handle.remove()
 
+    def mark_persistent(self, tensors: list[torch.Tensor]) -> None:
+        """Tensors allocated through the pass whether autograd saves them or not (cached weights): counted
+        in full, and with checkpointing kept rather than among the internals of blocks that saved them."""
+        for t in tensors:
+            key = self._key(t)
+            self.contexts.setdefault(key, set())
+            self.persistent.add(key)
+
     def saved_bytes(self) -> int:
         """Everything saved (no checkpointing)."""
         return sum(self.nbytes[key] for key in self.contexts)
 
     def kept_with_checkpointing(self) -> int:
-        """What checkpointed blocks still keep: tensors saved outside any block, and the block inputs."""
+        """What checkpointed blocks still keep: tensors saved outside any block, the block inputs and
+        the persistent tensors."""
         kept = set().union(*self.block_inputs) | {key for key, ctx in self.contexts.items() if None in ctx}
+        kept |= self.persistent
         return sum(self.nbytes[key] for key in kept)
 
     def block_internals(self) -> list[int]:
@@ -108,7 +125,8 @@ class SavedTensorMeter:
         totals = [0] * len(self.block_inputs)
         for key, ctx in self.contexts.items():
             for call in ctx - {None}:
-                totals[call] += 0 if key in self.block_inputs[call] else self.nbytes[key]
+                kept = key in self.block_inputs[call] or key in self.persistent
+                totals[call] += 0 if kept else self.nbytes[key]
         return totals
 
 
@@ -165,32 +183,54 @@ class PassActivations:
         return Linear(kept.fixed + largest.fixed, kept.per_image + largest.per_image)
 
 
-@functools.lru_cache(maxsize=32)
-def _measure_cached(network_json: str, precision: str) -> dict[str, PassActivations]:
-    dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # fp16 saves as many bytes as bf16
-    nets = build_iteration_networks(json.loads(network_json), "meta", dtype)
-    checkpointed = [nets.generator, nets.fake_score]  # the training never checkpoints the teacher
-    results = {}
+def _measure(
+    network: dict, dtype: torch.dtype, checkpointing: bool, weight_cache: bool
+) -> dict[str, list[SavedTensorMeter]]:
+    """Per update, one meter per _MEASURE_BATCHES entry, the networks set up as the training sets them
+    up with or without activation checkpointing (the meters only attribute, nothing is recomputed)."""
+    nets = build_iteration_networks(network, "meta", dtype)  # the teacher baked
+    nets.cache_fake_score_weights = weight_cache
+    if checkpointing:
+        for block in (b for net in nets.modules() for b in net.modules() if isinstance(b, Block)):
+            speed.set_weight_recompute(block, False)
+    meters = {}
     for name, run_pass in PASSES.items():
-        meters = []
+        meters[name] = []
         for batch in _MEASURE_BATCHES:
-            meter = SavedTensorMeter(list(nets.modules()), batch, checkpointed)
+            meter = SavedTensorMeter(list(nets.modules()), batch)  # every network's blocks
             with fused_attention_on_meta(), meter:
                 run_pass(nets, batch)
-            meters.append(meter)
-        internals = [m.block_internals() for m in meters]
+            meter.mark_persistent(speed.cached_weights(nets.fake_score))  # the generator pass fills it
+            speed.cache_effective_weights(nets.fake_score, False)
+            meters[name].append(meter)
+    return meters
+
+
+@functools.lru_cache(maxsize=32)
+def _measure_cached(network_json: str, precision: str, weight_cache: bool) -> dict[str, PassActivations]:
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # fp16 saves as many bytes as bf16
+    network = json.loads(network_json)
+    plain = _measure(network, dtype, checkpointing=False, weight_cache=weight_cache)
+    checkpointed = _measure(network, dtype, checkpointing=True, weight_cache=weight_cache)
+    results = {}
+    for name in PASSES:
+        internals = [m.block_internals() for m in checkpointed[name]]
         results[name] = PassActivations(
-            saved=_fit([m.saved_bytes() for m in meters]),
-            kept_with_checkpointing=_fit([m.kept_with_checkpointing() for m in meters]),
+            saved=_fit([m.saved_bytes() for m in plain[name]]),
+            kept_with_checkpointing=_fit([m.kept_with_checkpointing() for m in checkpointed[name]]),
             block_internals=tuple(_fit(list(calls)) for calls in zip(*internals, strict=True)),
-            largest_activation_per_image=meters[-1].largest_activation / _MEASURE_BATCHES[-1],
+            largest_activation_per_image=plain[name][-1].largest_activation / _MEASURE_BATCHES[-1],
         )
     return results
 
 
-def measure_activations(network: str | dict, precision: str = "bf16") -> dict[str, PassActivations]:
+def measure_activations(
+    network: str | dict, precision: str = "bf16", weight_cache: bool = True
+) -> dict[str, PassActivations]:
     """Saved tensors of the fake-score and generator updates of a preset (or Precond kwargs), measured
-    on the meta device (about a second per network size and precision, then cached)."""
+    on the meta device (about two seconds per network size and precision, then cached). weight_cache:
+    whether the frozen fake score's weights are cached in the generator update (the training does so
+    unless the fake score is partitioned by ZeRO-3 or --no-weight-cache is given)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return _measure_cached(json.dumps(network_kwargs(network), sort_keys=True), precision)
+    return _measure_cached(json.dumps(network_kwargs(network), sort_keys=True), precision, weight_cache)

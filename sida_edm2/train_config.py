@@ -85,6 +85,11 @@ class TrainConfig:
     force_norm: bool = True  # Forced weight normalisation of the master weights after each step.
     activation_checkpointing: bool = False  # Recompute each UNet block in backward to save memory.
     teacher_zero3: bool = False  # Partition the frozen teacher with a ZeRO-3 inference engine.
+    # Speed switches (sida_edm2.speed); none changes the results beyond float rounding.
+    weight_cache: bool = True  # Teacher weights baked; the frozen fake score's cached in the G update.
+    weight_recompute: bool = True  # Recompute MPConv weights in backward instead of keeping copies.
+    channels_last: bool = False  # Run the UNets on channels-last activations.
+    compile: bool = False  # torch.compile every UNet block of the three networks.
     keep_checkpoints: int = 3  # Checkpoints kept on disk (the newest K).
     num_workers: int = 2  # Latent-reader worker processes per rank.
     vae: str | None = None  # SD-VAE (hub id or dir) to decode sample grids; None: show latent channels.

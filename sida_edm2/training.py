@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from sida_edm2 import engines
+from sida_edm2 import engines, speed
 from sida_edm2.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
 from sida_edm2.ema import NetworkEMA
 from sida_edm2.losses import (
@@ -96,11 +96,18 @@ class Trainer:
         trained = [net for net in (G, F) if net is not None]
         # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping.
         self.ema = NetworkEMA(trained[0], self.device) if self.rank == 0 else None
+        speed_options = dict(
+            weight_recompute=cfg.weight_recompute,
+            checkpointed_blocks=cfg.activation_checkpointing,
+            channels_last=cfg.channels_last,
+            compile=cfg.compile,
+        )
         for net in trained:
             net.compute_dtype = compute_dtype
             if cfg.activation_checkpointing:
                 blocks = engines.enable_activation_checkpointing(net)
                 self.log.message(f"activation checkpointing: {blocks} blocks recomputed in backward")
+            speed.configure_network(net, **speed_options)  # after the checkpointing wrappers
         self.latent_shape = [F.img_channels, F.img_resolution, F.img_resolution]
         self.labels = LabelSampler(
             F.label_dim, self.manifest["class_counts"] if self.manifest else None, self.device
@@ -121,7 +128,13 @@ class Trainer:
         zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
         self.teacher = None
         if nets.teacher is not None:
-            self.teacher = engines.prepare_teacher(nets.teacher, self.device, self.precision, zero3_teacher)
+            self.teacher = engines.prepare_teacher(
+                nets.teacher, self.device, self.precision, zero3_teacher, bake_weights=cfg.weight_cache
+            )
+            # Its activations serve only G's input gradient: recomputed like the trained networks'.
+            if cfg.activation_checkpointing:
+                engines.enable_activation_checkpointing(self.teacher)
+            speed.configure_network(self.teacher, **speed_options)
 
         self.nimg = self.iteration = self.segment = 0
         self.skipped = {"steps_g": 0, "steps_f": 0}  # optimizer steps skipped for non-finite gradients
@@ -202,6 +215,9 @@ class Trainer:
         # The fake score serves as a frozen function here (DESIGN.md 6): no parameter gradients, called
         # through .module so that its engine sees no forward/backward of its own.
         F.eval().requires_grad_(False)
+        # Its weights stay fixed through this update: their effective weights are computed once (freed
+        # at the end, before its next optimizer step changes them).
+        speed.cache_effective_weights(F, cfg.weight_cache)
         try:
             for r in range(self.rounds):
                 noise = step.micro_batch(r, B)
@@ -225,6 +241,7 @@ class Trainer:
                 G.backward(total / step_batch, scale_wrt_gas=False)
                 self._step(G, "steps_g")
         finally:
+            speed.cache_effective_weights(F, False)
             F.requires_grad_(True)
 
     def denoiser_update(self) -> None:

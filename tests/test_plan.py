@@ -119,7 +119,10 @@ def test_model_states_shrink_with_each_zero_stage():
 def test_checkpointing_lowers_saved_tensors():
     plain, checkpointed = _plan(), _plan(activation_checkpointing=True)
     assert checkpointed.activations < plain.activations
-    assert checkpointed.saved_weight_copies < plain.saved_weight_copies
+    # MPConv weight copies are recomputed in backward, not saved (sida_edm2.speed): what stays batch-
+    # independent is the frozen fake score's weight cache in the generator update (its convolutions, about
+    # 95% of the weights, in bf16), plus with checkpointing the copies of the one block being recomputed.
+    assert 1.8 * XXL_PARAMS < plain.saved_weight_copies <= checkpointed.saved_weight_copies < 2 * XXL_PARAMS
     assert checkpointed.total < plain.total
 
 
@@ -138,7 +141,8 @@ def test_recommend_fits_the_budget_and_prefers_big_batches():
     best = recommend(XXL, gpus=8, gpu_memory_gib=80, plans=plans, saturating_batch=64)
     assert best.total <= 0.9 * 80 * GIB
     fitting = [p for p in plans if p.total <= 0.9 * 80 * GIB]
-    assert best.batch_gpu == min(64, max(p.batch_gpu for p in fitting))
+    # Batches beyond the saturating 64 rank alike; the larger one wins the last tie-break.
+    assert min(best.batch_gpu, 64) == min(64, max(p.batch_gpu for p in fitting))
     same_batch = [p for p in fitting if p.batch_gpu == best.batch_gpu]
     # Least recomputation, then least sharding of G and the fake score, then a replicated teacher.
     cost = [(q.activation_checkpointing, q.zero_stage, q.teacher_partitioned) for q in same_batch]
@@ -194,7 +198,13 @@ def test_cli_help(capsys):
 def test_cli_xxl_on_8_gpus(capsys):
     main(["--preset", "edm2-img512-xxl", "--gpus", "8", "--gpu-memory", "80"])
     out = capsys.readouterr().out
-    assert out.count("|") == 1 + 16  # header + ZeRO 0-3 x checkpointing x teacher placement
+    assert out.count("|") == 1 + 12  # header + ZeRO 1-3 (bf16) x checkpointing x teacher placement
     assert "recommended: ZeRO-" in out and "train_edm2 flags: --zero-stage" in out
     total = float(out.split("  total")[1].split("GiB")[0])
     assert total <= 0.9 * 80
+
+
+def test_half_precision_candidates_skip_stage_0():
+    # The training refuses bf16/fp16 at ZeRO stage 0, so the recommender must never propose it.
+    assert {p.zero_stage for p in candidate_plans(XXL, gpus=8)} == {1, 2, 3}
+    assert 0 in {p.zero_stage for p in candidate_plans(XXL, gpus=8, precision="fp32")}
