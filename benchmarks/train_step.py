@@ -67,11 +67,16 @@ def synthetic_batches(batch_gpu: int, network: dict, device: torch.device):
         yield latents, torch.nn.functional.one_hot(labels, network["label_dim"]).float()
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> float:
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - start
 
 
@@ -106,7 +111,7 @@ def print_table(path: str) -> None:
 @click.option("--batch-gpu", type=int, default=None, help="Images per GPU per micro-batch [preset].")
 @click.option("--rounds", type=int, default=1, show_default=True, help="Accumulation rounds per step.")
 @click.option("--zero-stage", type=click.IntRange(0, 3), default=2, show_default=True, help="ZeRO stage.")
-@click.option("--precision", type=click.Choice(["bf16", "fp16"]), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--activation-checkpointing", is_flag=True, help="Recompute UNet blocks in backward.")
 @click.option("--teacher-zero3", is_flag=True, help="Partition the teacher with ZeRO-3.")
 @click.option("--weight-cache/--no-weight-cache", default=True, show_default=True,
@@ -169,9 +174,12 @@ def main(
         checkpoint_kimg=1e9,
         tick_kimg=1e9,
     )
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    torch.cuda.reset_peak_memory_stats()
+    # A CPU run (fp32, tiny presets) only smoke-tests this script: its numbers mean nothing.
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, data_iter=synthetic_batches(batch_gpu, preset_cfg["network"], device))
     for _ in range(warmup):
         trainer.run_iteration()
@@ -203,14 +211,14 @@ def main(
         activation_checkpointing=activation_checkpointing,
         teacher_zero3=teacher_zero3,
         options=options_label(cfg),
-        device=torch.cuda.get_device_name(device),
+        device=torch.cuda.get_device_name(device) if cuda else "cpu",
         img_s_gpu=img_s,
         s_per_kimg=1000 / (img_s * world),
         iteration_s=seconds,
         tflops_gpu=flops * img_s / 1e12,
         mfu=mfu(flops * img_s, PEAK),
-        peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB,
-        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB,
+        peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB if cuda else 0.0,
+        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB if cuda else 0.0,
         predicted_gib=plan.total / GIB,
         predicted_terms={k: v / GIB for k, v in plan.terms().items()},
         flops_per_image=flops,
