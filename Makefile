@@ -21,5 +21,9 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -m "not benchmark" tests
 
+# The whole pipeline on a generated toy dataset, CPU only, a few minutes (demo.py prints each command).
+demo: setup
+	$(PY) demo.py --out demo-out
+
 clean:
 	rm -rf .venv demo-out .pytest_cache .ruff_cache

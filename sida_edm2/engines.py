@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -52,14 +53,23 @@ class DistEnv:
     device: torch.device
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed() -> DistEnv:
     """Initialise (once) the process group DeepSpeed uses; works with or without a launcher.
 
     A plain `python train_edm2.py ...` gets single-process defaults for the variables a launcher sets;
-    without them DeepSpeed would go looking for MPI.
+    without them DeepSpeed would go looking for MPI. A single process takes a free port, not a fixed
+    default, so that two such runs (or one beside a launched job) do not collide on the rendezvous port.
     """
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ and os.environ["WORLD_SIZE"] == "1":
+        os.environ["MASTER_PORT"] = str(_free_port())
     os.environ.setdefault("MASTER_PORT", "29500")
     deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()

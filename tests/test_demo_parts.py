@@ -1,0 +1,119 @@
+"""The demo's own pieces: the toy image generator, the tiny calibrated VAE, the benchmark's mixture and
+its report helpers. (The whole demo runs in tests/test_demo.py.)"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.toy_mixture import ISO_STD, MODE_WEIGHTS, ToyMixture
+from benchmarks.toy_report import kimg_to_reach
+from latent.scaling import RAW_MEAN, RAW_STD
+from latent.tiny_vae import POSTERIOR_STD_RATIO, TINY_VAE_CONFIG, calibrate_, create_tiny_vae, read_images
+from latent.vae import build_vae, encode_moments, load_vae
+from preprocess.sources import open_source
+from preprocess.toy_images import CLASSES, toy_image, write_toy_dataset
+from sida_edm2.metrics import frechet_distance
+
+
+@pytest.fixture(scope="module")
+def toy_images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy") / "images"
+    write_toy_dataset(root, per_class=3, resolution=64)
+    return root
+
+
+def test_toy_images_are_an_imagenet_style_labelled_source(toy_images):
+    source = open_source(str(toy_images))
+    assert source.label_source == "imagenet-synsets"
+    assert source.num_classes == len(CLASSES) and len(source.items) == 3 * len(CLASSES)
+    assert sorted({item.label for item in source.items}) == list(range(len(CLASSES)))
+    for item in source.items:  # the folder of each file is its class
+        assert item.path.startswith(f"n{item.label:08d}/toy-{item.label}-")
+
+
+def test_toy_images_are_deterministic_and_class_dependent():
+    a = toy_image(3, 7, resolution=64, seed=0)
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, toy_image(3, 7, resolution=64, seed=0))
+    assert not np.array_equal(a, toy_image(3, 8, resolution=64, seed=0))
+    # the shape's colour dominates: each class's brightest-channel statistics differ from the next's
+    means = [np.stack([toy_image(c, i, 64) for i in range(8)]).reshape(-1, 3).mean(0) for c in range(4)]
+    assert min(np.abs(means[i] - means[i + 1]).max() for i in range(3)) > 5
+
+
+def test_calibration_sets_edm2_raw_statistics_and_keeps_the_decoder(toy_images):
+    torch.manual_seed(0)
+    vae = build_vae(TINY_VAE_CONFIG)
+    pixels = read_images(str(toy_images), 64)
+    before = copy.deepcopy(vae)
+    with torch.no_grad():
+        old_mean = before.encode(pixels[:4].float() / 255).latent_dist.mean
+        old_decoded = before.decode(old_mean).sample
+    calibrate_(vae, pixels)
+    mean, std = encode_moments(vae, pixels)
+    assert torch.allclose(mean.mean(dim=(0, 2, 3)), torch.tensor(RAW_MEAN), atol=1e-3)
+    assert torch.allclose(mean.std(dim=(0, 2, 3)), torch.tensor(RAW_STD), rtol=1e-3)
+    assert torch.allclose(
+        std, (POSTERIOR_STD_RATIO * torch.tensor(RAW_STD)).reshape(1, 4, 1, 1).expand_as(std)
+    )
+    with torch.no_grad():  # the decoder sees what it saw before: new latents decode to the old images
+        decoded = vae.decode(mean[:4]).sample
+    assert torch.allclose(decoded, old_decoded, atol=1e-4)
+
+
+def test_create_tiny_vae_fits_and_saves_a_loadable_directory(tmp_path, toy_images):
+    summary = create_tiny_vae(tmp_path / "vae", images=str(toy_images), fit_steps=2, resolution=64)
+    assert summary["images"] == 3 * len(CLASSES) and summary["final_mse"] > 0
+    vae = load_vae(str(tmp_path / "vae"))
+    mean, _ = encode_moments(vae, read_images(str(toy_images), 64))
+    assert mean.shape[1:] == (4, 8, 8)
+    assert torch.allclose(mean.mean(dim=(0, 2, 3)), torch.tensor(RAW_MEAN), atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return ToyMixture.create(num_classes=3, modes=4, shape=(2, 8, 8), seed=0)
+
+
+def test_mixture_moments_are_exact(mixture):
+    x, _, comp = mixture.sample_with_modes(40000, torch.Generator().manual_seed(0))
+    mu, cov = mixture.moments()
+    flat = x.reshape(len(x), -1).double()
+    assert (flat.mean(0) - mu).abs().max() < 0.02
+    assert (torch.cov(flat.T) - cov).abs().max() < 0.02
+    weights = torch.bincount(comp % 4, minlength=4).double() / len(comp)
+    assert torch.allclose(weights, torch.tensor(MODE_WEIGHTS, dtype=torch.float64), atol=0.01)
+    assert cov.diagonal().min() > ISO_STD**2
+
+
+def test_frechet_reference_matches_the_metrics_formula(mixture):
+    x, _, _ = mixture.sample_with_modes(3000, torch.Generator().manual_seed(1))
+    ref = mixture.frechet_reference()
+    flat = x.reshape(len(x), -1).double().numpy()
+    expected = frechet_distance(flat.mean(0), np.cov(flat, rowvar=False), ref.mu.numpy(), ref.sigma.numpy())
+    assert ref.distance(x) == pytest.approx(expected, rel=1e-6, abs=1e-8)
+    assert ref.distance(x * 0.8) > 5 * ref.distance(x)
+
+
+def test_mode_coverage_sees_a_dropped_mode_and_wrong_classes(mixture):
+    gen = torch.Generator().manual_seed(2)
+    ll_ref = mixture.reference_log_likelihood(gen, 4000)
+    x, labels, comp = mixture.sample_with_modes(6000, gen)
+    true = mixture.mode_coverage(x, labels, ll_ref)
+    assert true["class_accuracy"] == 1.0 and true["modes_covered"] == 1.0
+    assert true["mode_tv"] < 0.05 and abs(true["nll_gap"]) < 0.01
+    keep = comp % 4 != 0  # drop every class's largest mode
+    dropped = mixture.mode_coverage(x[keep], labels[keep], ll_ref)
+    assert dropped["modes_covered"] == 0.75 and dropped["mode_tv"] > 0.3
+    wrong = mixture.mode_coverage(x, (labels + 1) % 3, ll_ref)
+    assert wrong["class_accuracy"] == 0.0
+    assert mixture.mode_coverage(x + 0.1, labels, ll_ref)["nll_gap"] > 0.5
+
+
+def test_kimg_to_reach_interpolates_the_crossing():
+    curve = [{"kimg": 0, "fd": 10.0}, {"kimg": 4, "fd": 6.0}, {"kimg": 8, "fd": 2.0}, {"kimg": 12, "fd": 3.0}]
+    assert kimg_to_reach(curve, 4.0) == pytest.approx(6.0)
+    assert kimg_to_reach(curve, 10.0) == 0
+    assert kimg_to_reach(curve, 1.0) is None
