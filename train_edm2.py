@@ -121,8 +121,9 @@ def _default(field: str):
 )
 @click.option(
     "--weight-recompute/--no-weight-recompute",
-    default=_default("weight_recompute"),
-    help="Recompute normalised weights in backward instead of keeping copies (saves memory).",
+    default=None,
+    help="Recompute normalised weights in backward instead of keeping copies (saves memory, costs speed). "
+    "[default: preset]",
 )
 @click.option("--channels-last", is_flag=True, help="Run the UNets on channels-last activations.")
 @click.option("--compile", is_flag=True, help="torch.compile every UNet block (slow first iterations).")

@@ -116,8 +116,8 @@ def print_table(path: str) -> None:
 @click.option("--teacher-zero3", is_flag=True, help="Partition the teacher with ZeRO-3.")
 @click.option("--weight-cache/--no-weight-cache", default=True, show_default=True,
               help="Baked teacher weights; cached fake-score weights in the generator update.")  # fmt: skip
-@click.option("--weight-recompute/--no-weight-recompute", default=True, show_default=True,
-              help="Recompute normalised weights in backward instead of keeping copies.")  # fmt: skip
+@click.option("--weight-recompute/--no-weight-recompute", default=None,
+              help="Recompute normalised weights in backward, not kept [preset].")  # fmt: skip
 @click.option("--channels-last", is_flag=True, help="Channels-last activations in the UNets.")
 @click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile every UNet block.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed iterations first.")
@@ -199,7 +199,14 @@ def main(
     flops = count_iteration_flops(preset, method="sida").per_image
     img_s = images / seconds
     plan = predict_peak_bytes(
-        preset, batch_gpu, world, zero_stage, activation_checkpointing, teacher_zero3, precision=precision
+        preset,
+        batch_gpu,
+        world,
+        zero_stage,
+        activation_checkpointing,
+        teacher_zero3,
+        precision=precision,
+        weight_recompute=cfg.weight_recompute,
     )
     result = dict(
         preset=preset,

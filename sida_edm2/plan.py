@@ -132,6 +132,7 @@ def predict_peak_bytes(
     precision: str = "bf16",
     *,
     workspace_factor: float = WORKSPACE_FACTOR,
+    weight_recompute: bool | None = None,  # None: the preset's setting (as the training uses it).
 ) -> MemoryPlan:
     """The predicted peak of torch.cuda.max_memory_allocated on the busiest GPU (rank 0) of a run."""
     if zero_stage not in (0, 1, 2, 3):
@@ -165,7 +166,9 @@ def predict_peak_bytes(
         step_noise=4 * step_images * (2 * C * R * R + labels + 1),
     )
     # ZeRO-3 partitioned weights are never cached (sida_edm2.speed).
-    activations = measure_activations(network, precision, weight_cache=stage < 3)
+    if weight_recompute is None:
+        weight_recompute = cfg.get("weight_recompute", True)
+    activations = measure_activations(network, precision, stage < 3, weight_recompute)
     candidates = []
     for update, n in (("fake_score", n_f), ("generator", n_g)):
         gradients = lp * (n_g + n_f) / W if stage == 3 else lp * sharded(n, 2)

@@ -184,12 +184,15 @@ class PassActivations:
 
 
 def _measure(
-    network: dict, dtype: torch.dtype, checkpointing: bool, weight_cache: bool
+    network: dict, dtype: torch.dtype, checkpointing: bool, weight_cache: bool, weight_recompute: bool
 ) -> dict[str, list[SavedTensorMeter]]:
     """Per update, one meter per _MEASURE_BATCHES entry, the networks set up as the training sets them
     up with or without activation checkpointing (the meters only attribute, nothing is recomputed)."""
     nets = build_iteration_networks(network, "meta", dtype)  # the teacher baked
     nets.cache_fake_score_weights = weight_cache
+    if not weight_recompute:
+        for net in nets.modules():
+            speed.set_weight_recompute(net, False)
     if checkpointing:
         for block in (b for net in nets.modules() for b in net.modules() if isinstance(b, Block)):
             speed.set_weight_recompute(block, False)
@@ -207,11 +210,13 @@ def _measure(
 
 
 @functools.lru_cache(maxsize=32)
-def _measure_cached(network_json: str, precision: str, weight_cache: bool) -> dict[str, PassActivations]:
+def _measure_cached(
+    network_json: str, precision: str, weight_cache: bool, weight_recompute: bool
+) -> dict[str, PassActivations]:
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # fp16 saves as many bytes as bf16
     network = json.loads(network_json)
-    plain = _measure(network, dtype, checkpointing=False, weight_cache=weight_cache)
-    checkpointed = _measure(network, dtype, checkpointing=True, weight_cache=weight_cache)
+    plain = _measure(network, dtype, False, weight_cache, weight_recompute)
+    checkpointed = _measure(network, dtype, True, weight_cache, weight_recompute)
     results = {}
     for name in PASSES:
         internals = [m.block_internals() for m in checkpointed[name]]
@@ -225,12 +230,14 @@ def _measure_cached(network_json: str, precision: str, weight_cache: bool) -> di
 
 
 def measure_activations(
-    network: str | dict, precision: str = "bf16", weight_cache: bool = True
+    network: str | dict, precision: str = "bf16", weight_cache: bool = True, weight_recompute: bool = True
 ) -> dict[str, PassActivations]:
     """Saved tensors of the fake-score and generator updates of a preset (or Precond kwargs), measured
     on the meta device (about two seconds per network size and precision, then cached). weight_cache:
     whether the frozen fake score's weights are cached in the generator update (the training does so
-    unless the fake score is partitioned by ZeRO-3 or --no-weight-cache is given)."""
+    unless the fake score is partitioned by ZeRO-3 or --no-weight-cache is given); weight_recompute:
+    whether MPConv weights are recomputed in backward (else their copies count as saved bytes)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    return _measure_cached(json.dumps(network_kwargs(network), sort_keys=True), precision, weight_cache)
+    network_json = json.dumps(network_kwargs(network), sort_keys=True)
+    return _measure_cached(network_json, precision, weight_cache, weight_recompute)

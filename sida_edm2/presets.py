@@ -15,6 +15,9 @@ Keys of every preset:
     sigma_init        the generator's fixed noise level; tmax   t ~ U(0, tmax) for the generator update
     fake_only_kimg, sid_only_kimg        phase thresholds in generator kimg
     force_norm        forced weight normalisation on/off
+    weight_recompute  recompute normalised MPConv weights in backward instead of keeping copies: saves about
+                      6 bytes/parameter per trainable forward, costs 23% img/s at XS batch 64 on an H100
+                      (benchmarks/RESULTS.md), so it is on only from L up, where memory is what limits
     dropout           the network's dropout (same value as network["dropout"])
 """
 
@@ -38,18 +41,21 @@ _SIDA_COMMON = dict(
     force_norm=True,
 )
 
-# size: (model_channels, dropout, batch_gpu, paper_num_gpus, paper_accum_rounds); EDM2 and Table 7.
+# size: (model_channels, dropout, batch_gpu, paper_num_gpus, paper_accum_rounds, weight_recompute);
+# EDM2 and Table 7, and the memory/speed trade-off measured in benchmarks/RESULTS.md.
 _IMG512_SIZES = {
-    "xs": (128, 0.0, 64, 16, 2),
-    "s": (192, 0.0, 64, 8, 4),
-    "m": (256, 0.1, 32, 8, 8),
-    "l": (320, 0.1, 32, 8, 8),
-    "xl": (384, 0.1, 16, 8, 16),
-    "xxl": (448, 0.1, 2, 8, 128),
+    "xs": (128, 0.0, 64, 16, 2, False),
+    "s": (192, 0.0, 64, 8, 4, False),
+    "m": (256, 0.1, 32, 8, 8, False),
+    "l": (320, 0.1, 32, 8, 8, True),
+    "xl": (384, 0.1, 16, 8, 16, True),
+    "xxl": (448, 0.1, 2, 8, 128, True),
 }
 
 
-def _img512_preset(model_channels: int, dropout: float, batch_gpu: int, gpus: int, accum: int) -> dict:
+def _img512_preset(
+    model_channels: int, dropout: float, batch_gpu: int, gpus: int, accum: int, weight_recompute: bool
+) -> dict:
     network = dict(
         img_resolution=64,  # 512x512 images -> 64x64 SD-VAE latents
         img_channels=4,
@@ -63,7 +69,7 @@ def _img512_preset(model_channels: int, dropout: float, batch_gpu: int, gpus: in
     )
     return dict(
         network=network, batch_gpu=batch_gpu, paper_num_gpus=gpus, paper_accum_rounds=accum, dropout=dropout,
-        **_SIDA_COMMON,
+        weight_recompute=weight_recompute, **_SIDA_COMMON,
     )
 
 
@@ -80,7 +86,7 @@ PRESETS["tiny"] = dict(
         img_resolution=16, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
         attn_resolutions=[8], channels_per_head=16, dropout=0.0, logvar_channels=16,
     ),
-    batch=8, batch_gpu=4, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0,
+    batch=8, batch_gpu=4, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0, weight_recompute=True,
     fake_only_kimg=0.008, sid_only_kimg=0.016,
 )
 
@@ -92,6 +98,7 @@ PRESETS["demo"] = dict(
         num_blocks=2, attn_resolutions=[8, 4], channels_per_head=32, dropout=0.0, logvar_channels=32,
     ),
     batch=32, batch_gpu=16, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0, lr=1e-4,
+    weight_recompute=False,
     fake_only_kimg=0.32, sid_only_kimg=0.64,
 )
 

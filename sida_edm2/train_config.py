@@ -39,6 +39,7 @@ _PRESET_FIELDS = (
     "fake_only_kimg",
     "sid_only_kimg",
     "force_norm",
+    "weight_recompute",
 )
 
 # Fields a resumed run must share with the checkpoint: they fix the DeepSpeed checkpoint layout, the

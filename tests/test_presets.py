@@ -87,3 +87,15 @@ def test_get_preset_returns_deep_copy():
 def test_get_preset_unknown_name_lists_valid_names():
     with pytest.raises(KeyError, match=r"edm2-img512-xs.*tiny.*demo"):
         get_preset("edm2-img512-xss")
+
+
+def test_weight_recompute_follows_the_preset():
+    # Recomputing normalised weights saves memory but costs speed: on only for the sizes memory limits.
+    from sida_edm2.train_config import resolve_config
+
+    recompute = {size: get_preset(f"edm2-img512-{size}")["weight_recompute"] for size in ("xs", "m", "xxl")}
+    assert recompute == {"xs": False, "m": False, "xxl": True}
+    kwargs = dict(run_dir="runs/x", teacher="t.safetensors", external_data=True)
+    assert resolve_config("edm2-img512-xs", **kwargs).weight_recompute is False
+    assert resolve_config("edm2-img512-xxl", **kwargs).weight_recompute is True
+    assert resolve_config("edm2-img512-xxl", weight_recompute=False, **kwargs).weight_recompute is False
