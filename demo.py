@@ -88,6 +88,16 @@ def run(argv: list[str], timings: dict, name: str) -> None:
         raise click.ClickException(f"{name} failed (exit code {result.returncode}): {shlex.join(shown)}")
 
 
+def flags(**options) -> list[str]:
+    """--name value pairs from keyword arguments (underscores become dashes; True gives a bare flag)."""
+    out = []
+    for name, value in options.items():
+        out.append("--" + name.replace("_", "-"))
+        if value is not True:
+            out.append(f"{value:g}" if isinstance(value, float) else str(value))
+    return out
+
+
 def pipeline(out: Path, s: DemoSettings, nproc: int, timings: dict) -> dict[str, Path]:
     py = sys.executable
     paths = {
@@ -100,143 +110,33 @@ def pipeline(out: Path, s: DemoSettings, nproc: int, timings: dict) -> dict[str,
         "teacher_samples": out / "teacher-samples",
     }
     p = {k: str(v) for k, v in paths.items()}
-    run(
-        [
-            py,
-            "-m",
-            "preprocess.toy_images",
-            "--dest",
-            p["images"],
-            "--per-class",
-            str(s.per_class),
-            "--resolution",
-            "128",
-        ],
-        timings,
-        "images",
-    )
-    vae_fit = ["--fit-images", p["images"], "--fit-steps", str(s.vae_fit_steps)] if s.vae_fit_steps else []
-    run([py, "-m", "latent.tiny_vae", "--dest", p["vae"], *vae_fit, "--resolution", "128"], timings, "vae")
-    run(
-        [
-            py,
-            "encode_dataset.py",
-            "--source",
-            p["images"],
-            "--dest",
-            p["latents"],
-            "--vae",
-            p["vae"],
-            "--resolution",
-            "128",
-            "--batch-size",
-            "50",
-            "--shard-size",
-            "100",
-            "--workers",
-            "1",
-            "--no-progress",
-        ],
-        timings,
-        "encode",
-    )
-    kimg = lambda x: f"{x:g}"  # noqa: E731
-    run(
-        [
-            py,
-            "train_edm2.py",
-            "--preset",
-            PRESET,
-            "--method",
-            "edm2",
-            "--data",
-            p["latents"],
-            "--run-dir",
-            p["teacher"],
-            "--batch-gpu",
-            "32",
-            "--lr",
-            kimg(s.teacher_lr),
-            "--max-kimg",
-            kimg(s.teacher_kimg),
-            "--checkpoint-kimg",
-            kimg(s.teacher_kimg),
-            "--tick-kimg",
-            kimg(s.teacher_kimg / 4),
-            "--num-workers",
-            "1",
-            "--vae",
-            p["vae"],
-        ],
-        timings,
-        "teacher",
-    )
+    images = flags(dest=p["images"], per_class=s.per_class, resolution=128)
+    run([py, "-m", "preprocess.toy_images", *images], timings, "images")
+    fit = flags(fit_images=p["images"], fit_steps=s.vae_fit_steps) if s.vae_fit_steps else []
+    run([py, "-m", "latent.tiny_vae", *flags(dest=p["vae"]), *fit, *flags(resolution=128)], timings, "vae")
+    encode = flags(source=p["images"], dest=p["latents"], vae=p["vae"], resolution=128, batch_size=50,
+                   shard_size=100, workers=1, no_progress=True)  # fmt: skip
+    run([py, "encode_dataset.py", *encode], timings, "encode")
+    # One process for the teacher (it is small), a whole step per micro-batch (--batch-gpu 32).
+    teacher = flags(preset=PRESET, method="edm2", data=p["latents"], run_dir=p["teacher"], batch_gpu=32,
+                    lr=s.teacher_lr, max_kimg=s.teacher_kimg, checkpoint_kimg=s.teacher_kimg,
+                    tick_kimg=s.teacher_kimg / 4, num_workers=1, vae=p["vae"])  # fmt: skip
+    run([py, "train_edm2.py", *teacher], timings, "teacher")
+    student = flags(preset=PRESET, method="sida", teacher=str(paths["teacher"] / "export-latest.safetensors"),
+                    data=p["latents"], run_dir=p["student"], max_kimg=s.student_kimg,
+                    fake_only_kimg=s.fake_only_kimg, sid_only_kimg=s.sid_only_kimg,
+                    checkpoint_kimg=s.student_kimg, tick_kimg=s.student_kimg / 4, num_workers=1,
+                    vae=p["vae"])  # fmt: skip
     launcher = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    run([*(launcher if nproc > 1 else [py]), "train_edm2.py", *student], timings, "student")
+    grid = flags(vae=p["vae"], seeds=s.grid_seeds, classes="0-9", format="png,grid", grid_images=100)
     run(
-        [
-            *launcher,
-            "train_edm2.py",
-            "--preset",
-            PRESET,
-            "--method",
-            "sida",
-            "--teacher",
-            str(paths["teacher"] / "export-latest.safetensors"),
-            "--data",
-            p["latents"],
-            "--run-dir",
-            p["student"],
-            "--max-kimg",
-            kimg(s.student_kimg),
-            "--fake-only-kimg",
-            kimg(s.fake_only_kimg),
-            "--sid-only-kimg",
-            kimg(s.sid_only_kimg),
-            "--checkpoint-kimg",
-            kimg(s.student_kimg),
-            "--tick-kimg",
-            kimg(s.student_kimg / 4),
-            "--num-workers",
-            "1",
-            "--vae",
-            p["vae"],
-        ],
-        timings,
-        "student",
-    )
-    grid = ["--seeds", s.grid_seeds, "--classes", "0-9", "--format", "png,grid", "--grid-images", "100"]
-    run(
-        [
-            py,
-            "decode_samples.py",
-            "--generator",
-            p["student"],
-            "--vae",
-            p["vae"],
-            "--outdir",
-            p["samples"],
-            *grid,
-        ],
+        [py, "decode_samples.py", *flags(generator=p["student"], outdir=p["samples"]), *grid],
         timings,
         "decode",
     )
-    run(
-        [
-            py,
-            "decode_samples.py",
-            "--generator",
-            p["teacher"],
-            "--teacher-steps",
-            "32",
-            "--vae",
-            p["vae"],
-            "--outdir",
-            p["teacher_samples"],
-            *grid,
-        ],
-        timings,
-        "decode_teacher",
-    )
+    teacher_grid = flags(generator=p["teacher"], teacher_steps=32, outdir=p["teacher_samples"])
+    run([py, "decode_samples.py", *teacher_grid, *grid], timings, "decode_teacher")
     return paths
 
 

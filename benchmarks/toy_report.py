@@ -69,15 +69,14 @@ def table_markdown(record: dict) -> str:
     """The results table (markdown) with a few lines of context under it."""
     s, t, floor = record["summary"], record["teacher"], record["floor"]
     settings = record["settings"]
-    n = len(settings["seeds"])
     header = (
-        f"| sampler | network evaluations | final FD ({n} seeds: mean ± sd) | best FD | mode TV | class acc. "
-        f"| NLL gap (nats/dim) | kimg to teacher FD (per seed) |\n|---|---|---|---|---|---|---|---|"
+        "| sampler | network evaluations | seeds | final FD (mean ± sd) | best FD | mode TV | class acc. "
+        "| NLL gap (nats/dim) | kimg to teacher FD (per seed) |\n|---|---|---|---|---|---|---|---|---|"
     )
 
     def single(name: str, evals: str, score: dict) -> str:
         return (
-            f"| {name} | {evals} | {score['fd']:.3f} | | {score['mode_tv']:.3f} "
+            f"| {name} | {evals} | | {score['fd']:.3f} | | {score['mode_tv']:.3f} "
             f"| {score['class_accuracy']:.3f} | {score['nll_gap']:.4f} | |"
         )
 
@@ -90,16 +89,19 @@ def table_markdown(record: dict) -> str:
     for method, m in s.items():
         f = m["final"]
         rows.append(
-            f"| {METHOD_NAMES[method]} (EMA) | 1 | {_fmt(f['fd'])} | {_fmt(m['best_fd'])} "
+            f"| {METHOD_NAMES[method]} (EMA) | 1 | {m['seeds']} | {_fmt(f['fd'])} | {_fmt(m['best_fd'])} "
             f"| {_fmt(f['mode_tv'])} | {_fmt(f['class_accuracy'])} | {_fmt(f['nll_gap'], 4)} "
             f"| {_reach(m['kimg_to_teacher_fd'])} |"
         )
     notes = [
         "",
         f"Budget: teacher {settings['teacher_kimg']:g} kimg of EDM2 training; each student "
-        f"{settings['student_kimg']:g} generator kimg at batch {settings['batch']} (SiD²A starts from that "
-        f"seed's SiD generator, so it has seen twice the budget). Device: {record['device']}.",
+        f"{settings['student_kimg']:g} generator kimg at batch {settings['batch']}, lr {settings['lr']:g} "
+        f"(SiD²A starts from that seed's SiD generator, so it has seen twice the budget). Device: "
+        f"{record['device']}; {record.get('total_seconds', 0):.0f} s in all.",
     ]
+    if record.get("interrupted"):
+        notes.append(f"Interrupted: only the runs above finished (seeds asked: {settings['seeds']}).")
     for method in ("sida", "sid"):
         if method in s:
             m = s[method]

@@ -89,16 +89,19 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Ten
 def fake_score_loss(
     denoised: torch.Tensor, x_g: torch.Tensor, sigma: torch.Tensor | float, logvar: torch.Tensor | float
 ) -> torch.Tensor:
-    """Logvar-weighted DSM loss per sample: lambda(s)/e^u * sum_CHW (D_psi - x_g)^2 + u (Algorithm 2).
+    """Logvar-weighted DSM loss per sample: sum_CHW [lambda(s)/e^u * (D_psi - x_g)^2 + u] (Algorithm 2).
 
-    `denoised` is D_psi(x_g + s*eps); x_g is the (gradient-free) generator output. Returns [B] float32.
+    As in EDM2, u is added per element (C*H*W times per sample), so the optimal u is the log of the
+    *mean* weighted squared error: the official teachers' logvar heads (about -2) were trained that way,
+    and the fake score starts from them. `denoised` is D_psi(x_g + s*eps); x_g is the (gradient-free)
+    generator output. Returns [B] float32.
     """
     _check_same_shape(denoised=denoised, x_g=x_g)
     batch = x_g.shape[0]
     s = _per_sample(sigma, batch, x_g, "sigma")
     u = _per_sample(logvar, batch, x_g, "logvar")
     sq = _sum_chw((denoised.float() - x_g.float()) ** 2)
-    return edm_weight(s) / torch.exp(u) * sq + u
+    return edm_weight(s) / torch.exp(u) * sq + u * x_g[0].numel()
 
 
 def discriminator_loss(

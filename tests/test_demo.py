@@ -24,7 +24,14 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path):
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for command in ("preprocess.toy_images", "encode_dataset.py", "--method edm2", "--method sida", "decode_samples.py"):
+    stages = (
+        "preprocess.toy_images",
+        "latent.tiny_vae",
+        "encode_dataset.py",
+        "--method edm2",
+        "--method sida",
+    )
+    for command in (*stages, "decode_samples.py"):
         assert command in result.stdout  # every stage's command is printed before it runs
 
     summary = json.loads((out / "summary.json").read_text())

@@ -65,12 +65,13 @@ def test_edm_weight_values():
 
 
 def _dsm_case():
-    # B=2, C=1, H=1, W=2. sample 0: (D - x)^2 sums to 1 + 4 = 5; sample 1: 0 + 4 = 4.
+    # B=2, C=1, H=1, W=2. sample 0: (D - x)^2 sums to 1 + 4 = 5; sample 1: 0 + 4 = 4. u is added per
+    # element, i.e. C*H*W = 2 times.
     denoised = t32([[[[1.0, 2.0]]], [[[1.0, 1.0]]]])
     x_g = t32([[[[0.0, 0.0]]], [[[1.0, 3.0]]]])
     sigma = t32([0.5, 1.0])
     u = [0.0, math.log(2.0)]
-    expected = [8.0 * 5 / 1 + 0.0, 5.0 * 4 / 2 + math.log(2.0)]  # 40, 10 + ln 2
+    expected = [8.0 * 5 / 1 + 0.0, 5.0 * 4 / 2 + 2 * math.log(2.0)]  # 40, 10 + 2 ln 2
     return denoised, x_g, sigma, u, expected
 
 
@@ -82,6 +83,14 @@ def test_fake_score_loss_by_hand_and_logvar_shapes():
     assert flat.dtype == torch.float32
     np.testing.assert_allclose(flat.numpy(), expected, rtol=1e-6)
     torch.testing.assert_close(flat, boxed)
+
+
+def test_optimal_logvar_is_the_log_of_the_mean_weighted_error():
+    # EDM2's convention: minimising over u gives u* = ln(lambda * mean_CHW (D - x)^2), here ln(8 * 5/2).
+    denoised, x_g, sigma, _, _ = _dsm_case()
+    grid = torch.linspace(0.0, 6.0, 6001)
+    losses = torch.stack([L.fake_score_loss(denoised[:1], x_g[:1], sigma[:1], u.view(1))[0] for u in grid])
+    assert grid[losses.argmin()].item() == pytest.approx(math.log(8.0 * 5 / 2), abs=1e-3)
 
 
 def test_logvar_single_value_broadcasts_and_bad_shapes_raise():
@@ -102,7 +111,7 @@ def test_fake_score_loss_low_precision_inputs_computed_in_float32():
     out = L.fake_score_loss(denoised.bfloat16(), x_g.bfloat16(), sigma.bfloat16(), t32(u).bfloat16())
     assert out.dtype == torch.float32
     ln2_bf16 = torch.tensor(math.log(2.0), dtype=torch.bfloat16).item()  # ln 2 is not exact in bf16
-    np.testing.assert_allclose(out.numpy(), [40.0, 5.0 * 4 / math.exp(ln2_bf16) + ln2_bf16], rtol=1e-6)
+    np.testing.assert_allclose(out.numpy(), [40.0, 5.0 * 4 / math.exp(ln2_bf16) + 2 * ln2_bf16], rtol=1e-6)
     # 4 * 200^2 = 160000 overflows fp16 (max 65504): the sum must still be exact in float32
     big = torch.full((1, 1, 2, 2), 200.0, dtype=torch.float16)
     out = L.fake_score_loss(big, torch.zeros_like(big), torch.tensor([1.0], dtype=torch.float16), 0.0)
