@@ -6,6 +6,8 @@
 #   OUT=/path/to/results bash benchmarks/gpu_perf.sh
 #   OUT=... ONLY="xs64-compile xs64-all" bash benchmarks/gpu_perf.sh          # just these runs
 #   OUT=... BEST_FLAGS="--channels-last --compile" bash benchmarks/gpu_perf.sh   # switches of the big runs
+#   OUT=... GPUS=2 ONLY="xxl2 m32" bash benchmarks/gpu_perf.sh     # data-parallel runs under torchrun
+#   OUT=... PROFILE=1 ONLY=xs64-eager bash benchmarks/gpu_perf.sh  # + kernel profile in $OUT/logs/
 #
 # Runs, in priority order (labels for ONLY):
 #   xs64-eager     XS, batch 64, the plain networks (no weight cache, no weight recomputation)
@@ -34,6 +36,8 @@ BUDGET_S=${BUDGET_S:-450}
 RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-120}
 COMPILE_TIMEOUT_S=${COMPILE_TIMEOUT_S:-200}
 ONLY=${ONLY:-}
+GPUS=${GPUS:-1}
+PROFILE=${PROFILE:-}
 JSONL=$OUT/train_step.jsonl
 EAGER="--no-weight-cache --no-weight-recompute"
 XS="--preset edm2-img512-xs"
@@ -60,13 +64,17 @@ run() {  # run LABEL TIMEOUT_S train_step.py-ARGS...
     echo "=== $label: train_step.py $* (at most ${limit} s)"
     local t0
     t0=$(date +%s)
-    timeout --signal=KILL "$limit" "$PYTHON" benchmarks/train_step.py --workdir "$WORKDIR" --out "$JSONL" \
-        "$@" >"$OUT/logs/$label.log" 2>&1
+    local launch=("$PYTHON")
+    ((GPUS > 1)) && launch=(torchrun --standalone --nproc_per_node "$GPUS")
+    local extra=()
+    [[ -n $PROFILE ]] && extra=(--profile "$OUT/logs/$label-gpus$GPUS.profile.txt")
+    timeout --signal=KILL "$limit" "${launch[@]}" benchmarks/train_step.py --workdir "$WORKDIR" \
+        --out "$JSONL" "${extra[@]}" "$@" >"$OUT/logs/$label-gpus$GPUS.log" 2>&1
     local rc=$?
     echo "    exit $rc after $(($(date +%s) - t0)) s"
     if ((rc != 0)); then
         FAILED+=("$label (exit $rc)")
-        tail -n 4 "$OUT/logs/$label.log" | sed 's/^/    | /'
+        tail -n 4 "$OUT/logs/$label-gpus$GPUS.log" | sed 's/^/    | /'
     fi
 }
 

@@ -7,16 +7,23 @@ DeepSpeed engines) on random weights and synthetic latents, and report img/s, MF
         --out results/xxl.json
     python benchmarks/train_step.py --channels-last --compile          # speed switches (sida_edm2.speed)
     python benchmarks/train_step.py --no-weight-cache --no-weight-recompute    # "eager": the plain networks
+    python benchmarks/train_step.py --profile results/xs64-profile.txt    # where the GPU time goes
 
 One line of JSON per run goes to --out (appended), so a shell loop over configurations builds a table;
 `--table results.jsonl` prints such a file as markdown. The teacher is an export with random weights
 (gains set to 1 so that no layer computes zeros) written once to --workdir. Iterations run in the SiDA
 phase (both updates, adversarial terms on). FLOPs per image come from sida_edm2.flops (counted once per
-preset on the meta device); MFU is against the H100 SXM dense bf16 peak.
+preset on the meta device); MFU is against the H100 SXM dense bf16 peak. --profile runs two more
+iterations under the torch profiler after the timed ones and writes the GPU time by kernel category
+(sida_edm2-independent name matching: convolution/GEMM, attention, Triton, elementwise, reductions, ...)
+and the top kernels to a text file, next to a Chrome trace (.json.gz) of those iterations.
 """
 
+import collections
+import gzip
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -80,6 +87,65 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+# Kernel-name patterns, first match wins: which kind of work a CUDA kernel does.
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution/GEMM", ("conv", "gemm", "cudnn", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "grad")),
+    ("Triton (compiled)", ("triton",)),
+    ("reduction", ("reduce", "norm")),
+    ("copy/cast", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("communication", ("nccl",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "foreach", "silu", "lerp", "clamp")),
+)
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in lower for k in keys)), "other")
+
+
+def profile_iterations(trainer, iterations: int, path: Path | None) -> None:
+    """Run `iterations` loop iterations under the torch profiler; write the GPU time by kernel category,
+    the busy fraction of the wall time, and the 25 most expensive kernels to `path` (plus a trace;
+    nothing is written for None)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    sync()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(iterations):
+            trainer.run_iteration()
+        sync()
+    wall = time.perf_counter() - start
+    kernels = collections.defaultdict(lambda: [0.0, 0])  # name -> [GPU microseconds, calls]
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name][0] += event.device_time
+            kernels[event.name][1] += 1
+    by_category = collections.defaultdict(lambda: [0.0, 0])
+    for name, (us, calls) in kernels.items():
+        by_category[kernel_category(name)][0] += us
+        by_category[kernel_category(name)][1] += calls
+    busy = sum(us for us, _ in kernels.values()) / 1e6
+    lines = [f"{iterations} iterations, wall {wall:.3f} s, GPU kernel time {busy:.3f} s "
+             f"({100 * busy / wall:.0f}% of wall; the rest is the GPU waiting for the host)", "",
+             "| category | GPU s | share | kernels |", "|---|---|---|---|"]  # fmt: skip
+    for cat, (us, calls) in sorted(by_category.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {cat} | {us / 1e6:.3f} | {100 * us / 1e6 / max(busy, 1e-9):.1f}% | {calls} |")
+    lines += ["", "| kernel | category | GPU ms | calls |", "|---|---|---|---|"]
+    for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
+        lines.append(f"| {name[:110]} | {kernel_category(name)} | {us / 1e3:.1f} | {calls} |")
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    trace = path.with_suffix(".trace.json")
+    prof.export_chrome_trace(str(trace))
+    with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    trace.unlink()
+    print("\n".join(lines[:12]))
+
+
 def options_label(cfg) -> str:
     """The speed switches of a run, e.g. "cache+recompute+cl+compile"; "eager" when all are off."""
     names = [("cache", cfg.weight_cache), ("recompute", cfg.weight_recompute),
@@ -124,6 +190,7 @@ def print_table(path: str) -> None:
 @click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations.")
 @click.option("--workdir", default=None, help="Where the random teacher is written [a temp dir].")
 @click.option("--out", default=None, help="Append one JSON line with the results to this file.")
+@click.option("--profile", default=None, help="Also profile 2 iterations; write the kernel summary here.")
 @click.option("--table", default=None, help="Only print the markdown table of a results file, then exit.")
 def main(
     preset,
@@ -141,6 +208,7 @@ def main(
     iters,
     workdir,
     out,
+    profile,
     table,
 ):
     if table:
@@ -181,8 +249,8 @@ def main(
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, data_iter=synthetic_batches(batch_gpu, preset_cfg["network"], device))
-    for _ in range(warmup):
-        trainer.run_iteration()
+    # The warm-up includes torch.compile's compilation with --compile: its time is reported apart.
+    warmup_s = timed(lambda: [trainer.run_iteration() for _ in range(warmup)])
     # Time the loop's own run_iteration; its two updates are wrapped to split the time by update.
     split = {"fake_score_s": 0.0, "generator_s": 0.0}
     for method, key in (("fake_score_update", "fake_score_s"), ("generator_update", "generator_s")):
@@ -196,6 +264,10 @@ def main(
     for _ in range(iters):
         total += timed(trainer.run_iteration)
     seconds = total / iters
+    if profile:  # every rank iterates (collectives); rank 0 writes
+        for method in ("fake_score_update", "generator_update"):
+            delattr(trainer, method)  # the profiler sees the plain loop, not the timing wrappers
+        profile_iterations(trainer, 2, Path(profile) if int(os.environ.get("RANK", "0")) == 0 else None)
     images = batch_gpu * rounds
     flops = count_iteration_flops(preset, method="sida").per_image
     img_s = images / seconds
@@ -230,6 +302,8 @@ def main(
         predicted_gib=plan.total / GIB,
         predicted_terms={k: v / GIB for k, v in plan.terms().items()},
         flops_per_image=flops,
+        warmup_s=warmup_s,
+        compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
         **split,
     )
     if int(os.environ.get("RANK", "0")) == 0:
