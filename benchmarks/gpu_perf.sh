@@ -12,7 +12,7 @@
 # Runs, in priority order (labels for ONLY):
 #   xs64-eager     XS, batch 64, the plain networks (no weight cache, no weight recomputation)
 #   xs64-cache     + baked teacher and cached fake-score weights in the generator update
-#   xs64-default   + weight recomputation in backward (the training's defaults)
+#   xs64-default   the training's defaults (the preset's weight recomputation: off for XS)
 #   xs64-cl        the plain networks + channels_last
 #   xxl2           XXL at the release's 2 images per GPU (ZeRO-2, bf16)
 #   xxl16-ckpt     XXL at 16 per GPU with activation checkpointing, ZeRO-2

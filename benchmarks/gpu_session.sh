@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md in one call on a host with four H100s (under 10 minutes):
 #   GPU 0:    the toy reproduction (benchmarks/toy_reproduction.py, issue 6)
-#   GPU 1:    XS at 64/GPU, plain networks, with a kernel profile; then the same with torch.compile
-#   GPU 2,3:  data-parallel runs on 2 GPUs (XXL 2 and 16/GPU, XS 64, M 32), then single-GPU runs of
-#             M at 64 (GPU 2) and XXL at 32/GPU with activation checkpointing (GPU 3) side by side
+#   GPU 1:    the runs $GPU1_RUNS, with kernel profiles
+#   GPU 2,3:  data-parallel runs on both ($PAIR_RUNS), then $GPU2_RUNS on GPU 2 and $GPU3_RUNS on GPU 3
 # Every lane is benchmarks/gpu_perf.sh (or the toy script) with its own labels; see there for them.
 #
 #   OUT=/path/to/results TOY_FLAGS="..." bash benchmarks/gpu_session.sh
+#   OUT=... GPU1_RUNS="xs64-eager xs64-compile" PAIR_RUNS="xxl2" bash benchmarks/gpu_session.sh
 #
 # Few files come back from the device machine, so the logs end up in one logs.tgz.
 set -u
@@ -14,6 +14,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results directory}
 TOY_TIMEOUT_S=${TOY_TIMEOUT_S:-520}
 TOY_FLAGS=${TOY_FLAGS:-}
+GPU1_RUNS=${GPU1_RUNS:-xs64-default xs64-eager xs128 m32 m64}
+PAIR_RUNS=${PAIR_RUNS:-xs64-default m32 xxl16-ckpt}
+GPU2_RUNS=${GPU2_RUNS:-xxl2 xxl16-ckpt}
+GPU3_RUNS=${GPU3_RUNS:-xxl32-ckpt}
 W=$OUT/work
 mkdir -p "$W"
 export PYTHONUNBUFFERED=1
@@ -32,13 +36,12 @@ lane() {  # lane NAME VAR=VALUE...: gpu_perf.sh with that environment, in the ba
         python benchmarks/toy_reproduction.py --out "$W/toy" $TOY_FLAGS >"$W/toy.log" 2>&1
     echo "toy_reproduction exit $? after $(($(date +%s) - START)) s" >>"$W/toy.log"
 ) &
-lane profile-compile CUDA_VISIBLE_DEVICES=1 OUT="$W/gpu1" PROFILE=1 COMPILE_TIMEOUT_S=420 \
-    ONLY="xs64-eager xs64-compile"
+lane gpu1 CUDA_VISIBLE_DEVICES=1 OUT="$W/gpu1" PROFILE=1 COMPILE_TIMEOUT_S=420 ONLY="$GPU1_RUNS"
 (
-    CUDA_VISIBLE_DEVICES=2,3 OUT="$W/gpu23" GPUS=2 WORKDIR=/tmp/sida-gpu23 BUDGET_S=330 \
-        ONLY="xxl2 xxl16-ckpt xs64-default m32" bash benchmarks/gpu_perf.sh >"$W/two-gpu.log" 2>&1
-    lane m64 CUDA_VISIBLE_DEVICES=2 OUT="$W/gpu2" WORKDIR=/tmp/sida-gpu2 BUDGET_S=150 ONLY=m64
-    lane xxl32 CUDA_VISIBLE_DEVICES=3 OUT="$W/gpu3" WORKDIR=/tmp/sida-gpu23 BUDGET_S=150 ONLY=xxl32-ckpt
+    CUDA_VISIBLE_DEVICES=2,3 OUT="$W/gpu23" GPUS=2 WORKDIR=/tmp/sida-gpu23 BUDGET_S=${PAIR_BUDGET_S:-240} \
+        ONLY="$PAIR_RUNS" bash benchmarks/gpu_perf.sh >"$W/gpu23.log" 2>&1
+    lane gpu2 CUDA_VISIBLE_DEVICES=2 OUT="$W/gpu2" WORKDIR=/tmp/sida-gpu23 BUDGET_S=250 ONLY="$GPU2_RUNS"
+    lane gpu3 CUDA_VISIBLE_DEVICES=3 OUT="$W/gpu3" WORKDIR=/tmp/sida-gpu23 BUDGET_S=250 ONLY="$GPU3_RUNS"
     wait
 ) &
 wait
@@ -46,10 +49,10 @@ echo "all lanes done after $(($(date +%s) - START)) s"
 
 cat "$W"/gpu*/train_step.jsonl >"$OUT/train_step.jsonl" 2>/dev/null
 for f in results.json results.md fd_vs_kimg.png; do cp "$W/toy/$f" "$OUT/toy_$f" 2>/dev/null; done
-cat "$W"/gpu1/logs/*.profile.txt >"$OUT/profiles.txt" 2>/dev/null
+for f in "$W"/gpu*/logs/*.profile.txt; do echo "== $(basename "$f")" && cat "$f"; done >"$OUT/profiles.txt" 2>/dev/null
 tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='checkpoints' -C "$OUT" work
 rm -rf "$W"
 echo "total $(($(date +%s) - START)) s"
 tail -n 30 "$OUT/toy_results.md" 2>/dev/null
-head -n 30 "$OUT/profiles.txt" 2>/dev/null
+grep -A10 "^== " "$OUT/profiles.txt" 2>/dev/null
 python benchmarks/train_step.py --table "$OUT/train_step.jsonl"

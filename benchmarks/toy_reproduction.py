@@ -154,7 +154,7 @@ def train_student(mix, opts, out, teacher, method, seed, evaluator, init_generat
     )
     start = time.perf_counter()
     trainer = Trainer(cfg, data_iter=mix.batches(cfg.batch_gpu, seed=10_000 + seed))
-    curve = [{"kimg": 0.0, **evaluator.one_step(trainer.ema.module, cfg.sigma_init)}]
+    curve = [{"kimg": 0.0, **evaluator.one_step(trainer.ema_network(), cfg.sigma_init)}]
     eval_every = max(1, round(opts["eval_kimg"] * 1000 / cfg.batch))  # iterations
     eval_seconds = 0.0
     while trainer.nimg < budget * 1000:
@@ -162,7 +162,7 @@ def train_student(mix, opts, out, teacher, method, seed, evaluator, init_generat
         if trainer.iteration % eval_every == 0 or trainer.nimg >= budget * 1000:
             t0 = time.perf_counter()
             curve.append(
-                {"kimg": trainer.nimg / 1000, **evaluator.one_step(trainer.ema.module, cfg.sigma_init)}
+                {"kimg": trainer.nimg / 1000, **evaluator.one_step(trainer.ema_network(), cfg.sigma_init)}
             )
             eval_seconds += time.perf_counter() - t0
     trainer.save()  # export-latest.safetensors: SiD²A starts from the SiD one

@@ -21,12 +21,15 @@ One iteration (paper Algorithms 1-3, DESIGN.md sections 5-6), B = batch_gpu, R a
     parameters frozen, called as engine_f.module) D_psi, logits and u; loss = (w_sid sum SiD + w_adv sum
     adversarial) / (B R). Gradients reach G only through the inputs of the frozen networks.
  3. After each optimizer step: forced weight normalisation of the stepped network's fp32 master
-    weights; after G's step the EMA of G from the same fp32 values.
+    weights; after G's step the EMA of G from the same fp32 values. Under ZeRO-1/2 both happen inside
+    the step, on this rank's flat fp32 partitions (sida_edm2.flat_master), and the EMA is gathered
+    whole only for checkpoints, exports and grids (`ema_network()`); otherwise from gathered masters.
 Method "edm2" runs only step 1's DSM loss, on real latents instead of generator output, for a fresh
 network of the preset, and keeps the EMA of that network.
 Non-finite per-sample losses are dropped and counted; steps with non-finite gradients are skipped and
-counted. engine.backward(..., scale_wrt_gas=False): the loss is already divided by B*R, and DeepSpeed's
-default would divide by R a second time.
+counted (by sida_edm2.flat_master under ZeRO-1/2, DeepSpeed for fp16 and ZeRO-3, the loop at stage 0).
+engine.backward(..., scale_wrt_gas=False): the loss is already divided by B*R, and DeepSpeed's default
+would divide by R a second time.
 """
 
 import time
@@ -37,6 +40,7 @@ import torch
 from sida_edm2 import engines, speed
 from sida_edm2.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
 from sida_edm2.ema import NetworkEMA
+from sida_edm2.flat_master import FlatMasters
 from sida_edm2.losses import (
     adversarial_generator_loss,
     discriminator_loss,
@@ -123,6 +127,12 @@ class Trainer:
         self.engine_g = engines.make_engine(G, ds_config, **adam) if G is not None else None
         self.engine_f = engines.make_engine(F, ds_config, **adam)
         self.ema_engine = self.engine_f if G is None else self.engine_g
+        # ZeRO-1/2: normalisation and EMA inside the optimizer step, on flat partitions (None otherwise).
+        self.flat = {
+            engine: FlatMasters.attach(engine, normalize=cfg.force_norm, ema=engine is self.ema_engine)
+            for engine in (self.engine_g, self.engine_f)
+            if engine is not None
+        }
         # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
         self.check_grads_here = cfg.zero_stage == 0 and self.precision == "fp32"
         zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
@@ -273,16 +283,21 @@ class Trainer:
         the forced weight normalisation and (for G) the EMA."""
         boundary = engine.is_gradient_accumulation_boundary()
         dropped = boundary and self.check_grads_here and drop_nonfinite_grads_(engine)
-        skipped_before = engine.skipped_steps
+        flat = self.flat[engine]
+        skipped_before = engine.skipped_steps + (flat.skipped_steps if flat else 0)
+        beta = ema_beta(self.nimg, self.cfg.batch, self.cfg.ema_mimg)
+        if flat is not None:
+            flat.ema_beta = beta
         engine.step()
         if not boundary:
             return
-        skipped = dropped or engine.skipped_steps != skipped_before
+        skipped = dropped or engine.skipped_steps + (flat.skipped_steps if flat else 0) != skipped_before
         self.skipped[counter] += int(skipped)
         self.stats.add("skipped/steps/count", int(skipped))
+        if flat is not None:  # normalised (and the EMA moved) inside the step
+            return
         normalize = self.cfg.force_norm and not skipped
         if engine is self.ema_engine:
-            beta = ema_beta(self.nimg, self.cfg.batch, self.cfg.ema_mimg)
             for name, value in visit_master_weights(engine, normalize=normalize):
                 if self.ema is not None:
                     self.ema.update(name, value, beta)
@@ -302,6 +317,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # The run: start or resume, ticks, checkpoints.
 
+    def ema_network(self) -> torch.nn.Module | None:
+        """The EMA network, up to date (rank 0; None elsewhere). Collective: every rank must call it."""
+        flat = self.flat[self.ema_engine]
+        if flat is not None:
+            flat.gather_ema(self.ema)
+        return self.ema.module if self.ema is not None else None
+
     def _run_config(self) -> dict:
         return {**self.cfg.to_dict(), "world_size": self.world_size, "precision": self.precision}
 
@@ -317,11 +339,16 @@ class Trainer:
             for name, value in visit_master_weights(self.ema_engine, normalize=self.cfg.force_norm):
                 if self.ema is not None:
                     self.ema.update(name, value, beta=0.0)
+            for flat in self.flat.values():
+                if flat is not None and flat.ema_enabled:
+                    flat.reset_ema()
             self.log.message(f"starting {self.cfg.method} in {self.cfg.run_dir}")
             return
         state = read_state(latest)
         changed = check_resume_config(state["config"], self._run_config())
         rng = load_checkpoint(latest, self._engines(), self.ema, self.rank)
+        if self.flat[self.ema_engine] is not None:
+            self.flat[self.ema_engine].scatter_ema(self.ema)
         self.nimg, self.iteration, self.segment = state["nimg"], state["iteration"], state["segment"]
         self.skipped = state["skipped"]
         restore_rng(rng, self.noise)
@@ -346,6 +373,7 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint (engines, EMA, counters, RNG states), exports, then the next data segment."""
         self.segment += 1
+        ema = self.ema_network()  # gathered once for the checkpoint and the exports
         state = {
             "nimg": self.nimg,
             "iteration": self.iteration,
@@ -363,8 +391,8 @@ class Trainer:
             self.cfg.keep_checkpoints,
             self.rank,
         )
-        if self.ema is not None:
-            write_exports(self.ema.module, self.cfg.run_dir, self.nimg)
+        if ema is not None:
+            write_exports(ema, self.cfg.run_dir, self.nimg)
         if not self._external_data:
             self.data = self._open_segment_data()
         self.log.message(f"saved {path}")
@@ -405,11 +433,12 @@ class Trainer:
             t0 = time.perf_counter()
             if crossed("ckpt") or done:
                 self.save()
-            if (crossed("grid") or done) and self.ema is not None:
+            ema = self.ema_network() if crossed("grid") or done else None  # collective
+            if ema is not None:
                 grid = self.log.run_dir / "grids" / f"grid-{self.nimg // 1000:07d}.png"
                 # An "edm2" network is a multi-step denoiser: its grid uses EDM2's 32-step Heun sampler.
                 steps = 32 if cfg.method == "edm2" else 0
-                save_sample_grid(self.ema.module, grid, cfg.sigma_init, vae=vae, heun_steps=steps)
+                save_sample_grid(ema, grid, cfg.sigma_init, vae=vae, heun_steps=steps)
             maintenance += time.perf_counter() - t0
         self.log.close()
 

@@ -212,8 +212,9 @@ def scenario_weights(trainer, iterations: int) -> dict:
         "G": master_state_dict(trainer.engine_g),
         "F": master_state_dict(trainer.engine_f),
     }
-    if trainer.ema is not None:
-        out["ema"] = {k: v.detach().clone() for k, v in trainer.ema.module.named_parameters()}
+    ema = trainer.ema_network()  # collective
+    if ema is not None:
+        out["ema"] = {k: v.detach().clone() for k, v in ema.named_parameters()}
     return out
 
 
@@ -231,7 +232,7 @@ def scenario_init(trainer, iterations: int) -> dict:
 
     result = {
         "g_is_init_generator": same(master_state_dict(trainer.engine_g), init),
-        "ema_is_init_generator": same(dict(trainer.ema.module.named_parameters()), init),
+        "ema_is_init_generator": same(dict(trainer.ema_network().named_parameters()), init),
         "f_is_teacher": same(master_state_dict(trainer.engine_f), teacher),
         "phases": [trainer.run_iteration() for _ in range(iterations)],
     }
