@@ -48,7 +48,7 @@ class Evaluator:
 
     def __init__(self, mix: ToyMixture, n: int, seed: int, device: torch.device, batch: int = 2500):
         gen = torch.Generator(device).manual_seed(seed)
-        self.mix, self.batch = mix, batch
+        self.mix, self.batch, self.device = mix, batch, device
         self.noise = torch.randn([n, *mix.shape], generator=gen, device=device)
         self.labels = torch.arange(n, device=device) % mix.num_classes
         self.onehot = torch.nn.functional.one_hot(self.labels, mix.num_classes).float()
@@ -154,7 +154,7 @@ def train_student(mix, opts, out, teacher, method, seed, evaluator, init_generat
     )
     start = time.perf_counter()
     trainer = Trainer(cfg, data_iter=mix.batches(cfg.batch_gpu, seed=10_000 + seed))
-    curve = [{"kimg": 0.0, **evaluator.one_step(trainer.ema_network(), cfg.sigma_init)}]
+    curve = [{"kimg": 0.0, **evaluator.one_step(trainer.ema_network(evaluator.device), cfg.sigma_init)}]
     eval_every = max(1, round(opts["eval_kimg"] * 1000 / cfg.batch))  # iterations
     eval_seconds = 0.0
     while trainer.nimg < budget * 1000:
@@ -162,7 +162,10 @@ def train_student(mix, opts, out, teacher, method, seed, evaluator, init_generat
         if trainer.iteration % eval_every == 0 or trainer.nimg >= budget * 1000:
             t0 = time.perf_counter()
             curve.append(
-                {"kimg": trainer.nimg / 1000, **evaluator.one_step(trainer.ema_network(), cfg.sigma_init)}
+                {
+                    "kimg": trainer.nimg / 1000,
+                    **evaluator.one_step(trainer.ema_network(evaluator.device), cfg.sigma_init),
+                }
             )
             eval_seconds += time.perf_counter() - t0
     trainer.save()  # export-latest.safetensors: SiD²A starts from the SiD one

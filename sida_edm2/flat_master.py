@@ -102,8 +102,8 @@ class FlatMasters:
         current = [p for group in self.engine.optimizer.optimizer.param_groups for p in group["params"]]
         bad = torch.zeros([], dtype=torch.float32, device=current[0].device)
         for part in current:
-            if part.grad is not None:
-                bad = bad.maximum(part.grad.isfinite().logical_not_().any().float())
+            if part.grad is not None:  # a NaN or inf anywhere makes the sum non-finite (no temporary)
+                bad = bad.maximum(part.grad.sum().isfinite().logical_not_().float())
         if self.world_size > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX, group=self.group)
         if bad.item():  # one host sync per step (DeepSpeed's own check has one too)

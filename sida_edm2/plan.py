@@ -160,7 +160,7 @@ def predict_peak_bytes(
         params=lp * sharded(n_g + n_f, 3),
         master_weights=4 * sharded(n_g + n_f, 1) if has_master else 0,
         optimizer_states=8 * sharded(n_g + n_f, 1),
-        ema=4 * n_g,
+        ema=4 * sharded(n_g, 1) if stage in (1, 2) else 4 * n_g,  # flat partitions (flat_master)
         teacher=lp * n_f / (W if teacher_partitioned else 1),
         zero3_buffers=reduce_buckets + (gathered if stage == 3 or teacher_partitioned else 0),
         step_noise=4 * step_images * (2 * C * R * R + labels + 1),

@@ -32,6 +32,7 @@ engine.backward(..., scale_wrt_gas=False): the loss is already divided by B*R, a
 would divide by R a second time.
 """
 
+import copy
 import time
 from pathlib import Path
 
@@ -98,8 +99,11 @@ class Trainer:
             engines.COMPUTE_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
         )
         trained = [net for net in (G, F) if net is not None]
-        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping.
-        self.ema = NetworkEMA(trained[0], self.device) if self.rank == 0 else None
+        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
+        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.flat_master): this copy
+        # is only where it is gathered for checkpoints and exports, so it stays in host memory.
+        ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
+        self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
         speed_options = dict(
             weight_recompute=cfg.weight_recompute,
             checkpointed_blocks=cfg.activation_checkpointing,
@@ -133,6 +137,8 @@ class Trainer:
             for engine in (self.engine_g, self.engine_f)
             if engine is not None
         }
+        if (self.flat[self.ema_engine] is None) != (cfg.zero_stage not in (1, 2)):
+            raise RuntimeError(f"ZeRO stage {cfg.zero_stage}: unexpected DeepSpeed optimizer layout")
         # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
         self.check_grads_here = cfg.zero_stage == 0 and self.precision == "fp32"
         zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
@@ -317,12 +323,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # The run: start or resume, ticks, checkpoints.
 
-    def ema_network(self) -> torch.nn.Module | None:
-        """The EMA network, up to date (rank 0; None elsewhere). Collective: every rank must call it."""
+    def ema_network(self, device: torch.device | None = None) -> torch.nn.Module | None:
+        """The EMA network, up to date (rank 0; None elsewhere), where it is kept (host memory under
+        ZeRO-1/2) or as a copy on `device`. Collective: every rank must call it."""
         flat = self.flat[self.ema_engine]
         if flat is not None:
             flat.gather_ema(self.ema)
-        return self.ema.module if self.ema is not None else None
+        if self.ema is None:
+            return None
+        module = self.ema.module
+        if device is not None and next(module.parameters()).device != device:
+            module = copy.deepcopy(module).to(device)
+        return module
 
     def _run_config(self) -> dict:
         return {**self.cfg.to_dict(), "world_size": self.world_size, "precision": self.precision}
@@ -433,7 +445,7 @@ class Trainer:
             t0 = time.perf_counter()
             if crossed("ckpt") or done:
                 self.save()
-            ema = self.ema_network() if crossed("grid") or done else None  # collective
+            ema = self.ema_network(self.device) if crossed("grid") or done else None  # collective
             if ema is not None:
                 grid = self.log.run_dir / "grids" / f"grid-{self.nimg // 1000:07d}.png"
                 # An "edm2" network is a multi-step denoiser: its grid uses EDM2's 32-step Heun sampler.

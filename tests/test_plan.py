@@ -110,6 +110,11 @@ def test_terms_add_up_and_model_states_come_from_exact_parameter_counts():
     assert plan.teacher == 2 * n_f
 
 
+def test_ema_is_partitioned_with_the_masters_under_zero_1_and_2():
+    n_g = XXL_PARAMS - LOGVAR_PARAMS
+    assert [_plan(zero_stage=stage, gpus=2).ema for stage in (0, 1, 2, 3)] == [4 * n_g, 2 * n_g, 2 * n_g, 4 * n_g]
+
+
 def test_model_states_shrink_with_each_zero_stage():
     states = [_plan(zero_stage=stage).model_states for stage in (0, 1, 2, 3)]
     assert states[3] < states[2] < states[1] < states[0]
