@@ -112,7 +112,8 @@ def test_terms_add_up_and_model_states_come_from_exact_parameter_counts():
 
 def test_ema_is_partitioned_with_the_masters_under_zero_1_and_2():
     n_g = XXL_PARAMS - LOGVAR_PARAMS
-    assert [_plan(zero_stage=stage, gpus=2).ema for stage in (0, 1, 2, 3)] == [4 * n_g, 2 * n_g, 2 * n_g, 4 * n_g]
+    emas = [_plan(zero_stage=stage, gpus=2).ema for stage in (0, 1, 2, 3)]
+    assert emas == [4 * n_g, 2 * n_g, 2 * n_g, 4 * n_g]
 
 
 def test_model_states_shrink_with_each_zero_stage():
