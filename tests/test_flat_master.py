@@ -17,14 +17,14 @@ if str(REPO) not in sys.path:
 from tests.helpers_train import run_distributed  # noqa: E402
 
 
-def _engine_pair(stage: int):
+def _engine_pair(stage: int, precision: str):
     from sida_edm2 import engines
     from sida_edm2.networks import Precond
     from sida_edm2.presets import get_preset
 
     ds_config = engines.build_ds_config(
         engines.load_ds_config(stage), batch_gpu=2, rounds=1, world_size=torch.distributed.get_world_size(),
-        precision="fp32",
+        precision=precision,
     )  # fmt: skip
     pair = []
     for _ in range(2):
@@ -36,6 +36,7 @@ def _engine_pair(stage: int):
                     param.mul_(3.0)
                 else:
                     param.fill_(0.7)
+        net.compute_dtype = engines.COMPUTE_DTYPES[precision]
         pair.append(engines.make_engine(net, ds_config, lr=1e-2, betas=(0.9, 0.99), eps=1e-8))
     return pair
 
@@ -48,14 +49,14 @@ def _backward(engine, rank: int, nan: bool = False) -> None:
     engine.backward(loss * float("nan") if nan else loss)
 
 
-def scenario(out: str, stage: int) -> None:
+def scenario(out: str, stage: int, precision: str) -> None:
     from sida_edm2 import engines
     from sida_edm2.ds_master import master_state_dict, normalize_master_weights_, visit_master_weights
     from sida_edm2.ema import NetworkEMA
     from sida_edm2.flat_master import FlatMasters
 
     env = engines.init_distributed()
-    flat_engine, reference = _engine_pair(stage)
+    flat_engine, reference = _engine_pair(stage, precision)
     ema_flat = NetworkEMA(flat_engine.module, torch.device("cpu")) if env.rank == 0 else None
     ema_ref = NetworkEMA(reference.module, torch.device("cpu")) if env.rank == 0 else None
     flat = FlatMasters.attach(flat_engine, normalize=True, ema=True)
@@ -71,7 +72,9 @@ def scenario(out: str, stage: int) -> None:
                 ema_ref.update(name, value, beta)
     flat.gather_ema(ema_flat)
     masters_flat, masters_ref = master_state_dict(flat_engine), master_state_dict(reference)
-    working = {n: p.detach().clone() for n, p in flat_engine.module.named_parameters()}
+    working = {n: p.detach().float() for n, p in flat_engine.module.named_parameters()}
+    # The working copy holds the masters rounded to the compute precision.
+    rounded = {n: v.to(engines.COMPUTE_DTYPES[precision]).float() for n, v in masters_flat.items()}
 
     _backward(flat_engine, env.rank, nan=True)  # a non-finite gradient: the whole step is skipped
     flat_engine.step()
@@ -86,7 +89,7 @@ def scenario(out: str, stage: int) -> None:
         report = {
             "masters": max_diff(masters_flat, masters_ref),
             "ema": max_diff(ema_a, ema_b),
-            "working_copy": max_diff(working, masters_flat),
+            "working_copy": max_diff(working, rounded),
             "unaligned_fragments": sum(not f.aligned for part in flat.fragments for f in part),
             # Stage 1 in fp32 still computes DeepSpeed's gradient norm, which skips the step first.
             "skipped_steps": flat.skipped_steps + flat_engine.skipped_steps,
@@ -97,19 +100,22 @@ def scenario(out: str, stage: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,stage", [(1, 2), (2, 2), (2, 1)])
-def test_flat_path_equals_per_parameter_path(tmp_path, nproc, stage):
+@pytest.mark.parametrize(
+    "nproc,stage,precision", [(1, 2, "fp32"), (2, 2, "fp32"), (2, 1, "fp32"), (1, 2, "bf16"), (1, 1, "bf16")]
+)
+def test_flat_path_equals_per_parameter_path(tmp_path, nproc, stage, precision):
+    """bf16 at stage 1 is DeepSpeed's BF16_Optimizer, the others its ZeRO optimizer."""
     out = tmp_path / "report.json"
-    run_distributed(__file__, [str(out), str(stage)], nproc=nproc)
+    run_distributed(__file__, [str(out), str(stage), precision], nproc=nproc)
     report = json.loads(out.read_text())
     # One process: the very same float operations; two: partial-row norms summed as squares.
     assert report["masters"] <= (0.0 if nproc == 1 else 1e-6)
     assert report["ema"] <= (0.0 if nproc == 1 else 1e-6)
-    assert report["working_copy"] == 0.0  # fp32: the module computes with the masters
+    assert report["working_copy"] == 0.0  # the module computes with the (rounded) masters
     if nproc == 2:
         assert report["unaligned_fragments"] > 0
     assert report["skipped_steps"] == 1 and report["changed_by_nan_step"] == 0.0
 
 
 if __name__ == "__main__":
-    scenario(sys.argv[1], int(sys.argv[2]))
+    scenario(sys.argv[1], int(sys.argv[2]), sys.argv[3])
