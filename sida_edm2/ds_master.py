@@ -1,5 +1,7 @@
 """The optimizer's fp32 master weights of a DeepSpeed engine: read them whole, rewrite them, keep the
-module's working copy equal. Used for forced weight normalisation and for the EMA of G.
+module's working copy equal. Used for forced weight normalisation and for the EMA of G under ZeRO-0/3
+(ZeRO-1/2 do both inside the optimizer step: sida_edm2.flat_master), at the start of a run, and to
+read the masters whole (tests, consolidated exports).
 
     for name, value in visit_master_weights(engine, normalize=True):   # once per optimizer step
         ema.update(name, value, beta)

@@ -5,9 +5,10 @@ from the optimizer's fp32 master weights.
     for name, value in visit_master_weights(engine_g, normalize=cfg.force_norm):
         ema.update(name, value, beta=ema_beta(nimg, batch, ema_mimg))
 
-The EMA is what the run exports and what sample grids show. It lives on one rank: the master values
-arrive whole on every rank anyway (they are gathered for the forced normalisation), and one fp32 copy
-of an XXL generator (6 GB) is enough.
+The EMA is what the run exports and what sample grids show. Under ZeRO-0/3 this copy is the EMA itself,
+on rank 0's GPU, updated from the gathered masters after every step. Under ZeRO-1/2 the EMA is kept as
+flat partitions beside the masters (sida_edm2.flat_master) and this copy, in host memory, is only where
+it is gathered for checkpoints, exports and grids (Trainer.ema_network()).
 """
 
 import copy
