@@ -116,6 +116,12 @@ def build_ds_config(base: dict, *, batch_gpu: int, rounds: int, world_size: int,
         # safe_get/set_full_fp32_param API (and so the forced normalisation) cannot reach; stage 1 costs
         # nothing extra on one GPU and keeps them reachable.
         raise ConfigError(f"--precision {precision} needs ZeRO stage >= 1; stage 0 supports fp32 only")
+    zero = base.get("zero_optimization", {})
+    if base.get("gradient_clipping", 0) and zero.get("compute_grad_norm", True) is False:
+        # ds_configs/zero2.json skips the norm (sida_edm2.flat_master tests the gradients instead).
+        raise ConfigError(
+            "gradient_clipping needs zero_optimization.compute_grad_norm true in the DeepSpeed config"
+        )
     cfg = copy.deepcopy(base)
     cfg["train_micro_batch_size_per_gpu"] = batch_gpu
     cfg["gradient_accumulation_steps"] = rounds

@@ -94,6 +94,9 @@ def test_ds_config_derives_batch_sizes_and_precision():
     with pytest.raises(ConfigError, match="derived from --batch"):
         build_ds_config({**load_ds_config(1), "train_batch_size": 8}, batch_gpu=4, rounds=1, world_size=2,
                         precision="fp32")  # fmt: skip
+    with pytest.raises(ConfigError, match="gradient_clipping needs"):
+        build_ds_config({**load_ds_config(2), "gradient_clipping": 1.0}, batch_gpu=4, rounds=1, world_size=1,
+                        precision="bf16")  # fmt: skip
     with pytest.raises(ConfigError, match="ZeRO stage 1 but --zero-stage is 3"):
         load_ds_config(3, path=str(DS_CONFIG_DIR / "zero1.json"))
 
