@@ -27,9 +27,8 @@ import math
 
 import torch
 
+from sida_edm2.mp_layers import NORMALIZE_EPS
 from sida_edm2.weight_norm import mp_weight_params
-
-EPS = 1e-4  # sida_edm2.mp_layers.normalize's default, which normalize_rows_ uses
 
 
 class _RowFragment:
@@ -132,7 +131,9 @@ class FlatMasters:
             self.row_norms.square_()
             torch.distributed.all_reduce(self.row_norms, group=self.group)
             self.row_norms.sqrt_()
-        divisor = torch.addcmul(torch.full_like(self.row_norms, EPS), self.row_norms, self.inv_sqrt_length)
+        divisor = torch.addcmul(
+            torch.full_like(self.row_norms, NORMALIZE_EPS), self.row_norms, self.inv_sqrt_length
+        )
         for frag, rows in zip(frags, padded, strict=True):
             rows.div_(divisor[frag.rows, None])
             if not frag.aligned:

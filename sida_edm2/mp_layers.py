@@ -13,9 +13,13 @@ import torch.nn.functional as F
 
 # mp_silu's divisor: the standard deviation of silu(x) for x ~ N(0, 1), so the output has unit magnitude.
 SILU_STD = 0.596
+# normalize's default epsilon (also that of forced weight normalisation).
+NORMALIZE_EPS = 1e-4
 
 
-def normalize(x: torch.Tensor, dim: int | list[int] | None = None, eps: float = 1e-4) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, dim: int | list[int] | None = None, eps: float = NORMALIZE_EPS
+) -> torch.Tensor:
     """Divide x by `eps + ||x|| / sqrt(n)` over `dim` (default: all but dim 0, i.e. per output row of a
     weight), n being the number of elements reduced. The norm is taken in float32 for fp16/bf16 inputs."""
     if dim is None:
