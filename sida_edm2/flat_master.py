@@ -77,8 +77,9 @@ class FlatMasters:
         for name, param in engine.module.named_parameters():
             if name in mp_names and param.requires_grad:
                 if param._hp_mapping is not None:
-                    part = self._index[param._hp_mapping.hp_fragment.untyped_storage().data_ptr()]
-                    self.fragments[part].append(_RowFragment(param, rows))
+                    self.fragments[self._part(param._hp_mapping.hp_fragment)].append(
+                        _RowFragment(param, rows)
+                    )
                 inv_sqrt_length += [1 / math.sqrt(param[0].numel())] * param.shape[0]
                 rows += param.shape[0]
         device = self.partitions[0].device
@@ -111,12 +112,10 @@ class FlatMasters:
         result = self._client_step(*args, **kwargs)
         with torch.no_grad():
             if self.normalize:
-                self._normalize_rows([self._index[p.untyped_storage().data_ptr()] for p in current])
+                self._normalize_rows([self._part(p) for p in current])
             if self.ema_enabled and self.ema_partitions is not None:
                 for part in current:
-                    self.ema_partitions[self._index[part.untyped_storage().data_ptr()]].lerp_(
-                        part, 1 - self.ema_beta
-                    )
+                    self.ema_partitions[self._part(part)].lerp_(part, 1 - self.ema_beta)
         return result
 
     def _normalize_rows(self, parts: list[int]) -> None:
@@ -143,19 +142,31 @@ class FlatMasters:
         """EMA := the current master partitions (a start without checkpoint)."""
         self.ema_partitions = [p.detach().clone() for p in self.partitions]
 
+    def _part(self, tensor: torch.Tensor) -> int:
+        """Index of the flat partition that `tensor` (a partition or a view into one) lives in."""
+        return self._index[tensor.untyped_storage().data_ptr()]
+
     def _trainable(self):
         return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
+    def _ema_fragment(self, param: torch.nn.Parameter) -> tuple[torch.Tensor, slice] | None:
+        """This rank's EMA of param's fragment and the fragment's slice of the flattened param (None
+        where no part of param lives on this rank)."""
+        mapping = param._hp_mapping
+        if mapping is None:
+            return None
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        part = self.ema_partitions[self._part(mapping.hp_fragment)]
+        return part[hp.start : hp.start + hp.numel], slice(lp.start, lp.start + lp.numel)
 
     @torch.no_grad()
     def gather_ema(self, ema) -> None:
         """Collective: copy the flat EMA, whole, into `ema` (a NetworkEMA on rank 0; None elsewhere)."""
         for name, param in self._trainable():
             value = torch.zeros(param.numel(), dtype=torch.float32, device=self.partitions[0].device)
-            mapping = param._hp_mapping
-            if mapping is not None:
-                part = self.ema_partitions[self._index[mapping.hp_fragment.untyped_storage().data_ptr()]]
-                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-                value[lp.start : lp.start + lp.numel] = part[hp.start : hp.start + hp.numel]
+            fragment = self._ema_fragment(param)
+            if fragment is not None:
+                value[fragment[1]] = fragment[0]
             if self.world_size > 1:
                 torch.distributed.all_reduce(value, group=self.group)
             if ema is not None:
@@ -173,8 +184,6 @@ class FlatMasters:
             if self.world_size > 1:
                 src = torch.distributed.get_global_rank(self.group, 0) if self.group is not None else 0
                 torch.distributed.broadcast(value, src=src, group=self.group)
-            mapping = param._hp_mapping
-            if mapping is not None:
-                part = self.ema_partitions[self._index[mapping.hp_fragment.untyped_storage().data_ptr()]]
-                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-                part[hp.start : hp.start + hp.numel] = value[lp.start : lp.start + lp.numel]
+            fragment = self._ema_fragment(param)
+            if fragment is not None:
+                fragment[0].copy_(value[fragment[1]])
