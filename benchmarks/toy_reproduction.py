@@ -1,6 +1,6 @@
 """Does one step surpass the teacher? SiD, SiDA and SiD²A on a latent distribution with known statistics.
 
-    python benchmarks/toy_reproduction.py --out benchmarks/results/toy     # one H100, about 7 minutes
+    python benchmarks/toy_reproduction.py --out benchmarks/results/toy     # one H100: 336 s measured
     python benchmarks/toy_reproduction.py --out /tmp/toy-repro --quick     # CPU smoke run, about 75 s
 
 Data: `benchmarks/toy_mixture.py`, per-class mixtures of structured Gaussians on 4x16x16 latents, drawn
@@ -200,8 +200,8 @@ def write_report(record: dict, out_path: Path, start: float) -> str:
     return table
 
 
-# Defaults sized for one H100 in about 7 minutes (the loop is launch-bound at this network size, so a
-# step of 512 costs little more than one of 256: the budget is in iterations, ~64 per student).
+# Defaults sized for one H100 in about 6 minutes (336 s measured; the loop is launch-bound at this network
+# size, so a step of 512 costs little more than one of 256: the budget is in iterations, ~64 per student).
 @click.command(context_settings={"show_default": True})
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--quick", is_flag=True, help=f"CPU smoke settings: {QUICK}.")
