@@ -351,9 +351,8 @@ class Trainer:
             for name, value in visit_master_weights(self.ema_engine, normalize=self.cfg.force_norm):
                 if self.ema is not None:
                     self.ema.update(name, value, beta=0.0)
-            for flat in self.flat.values():
-                if flat is not None and flat.ema_enabled:
-                    flat.reset_ema()
+            if self.flat[self.ema_engine] is not None:
+                self.flat[self.ema_engine].reset_ema()
             self.log.message(f"starting {self.cfg.method} in {self.cfg.run_dir}")
             return
         state = read_state(latest)
