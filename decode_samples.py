@@ -24,13 +24,19 @@ import click
 import torch
 
 from latent.vae import load_vae
-from sida_edm2 import metrics as fd
-from sida_edm2.checkpoints import load_network
-from sida_edm2.generate_images import resolve_network_path, write_images
-from sida_edm2.image_sources import image_batches
-from sida_edm2.sample_files import GRID_NAME, NPZ_NAME, png_path, write_grid_from_pngs, write_npz_from_pngs
-from sida_edm2.seeds import parse_int_list
-from sida_edm2.torchrun_env import barrier, init_distributed
+from sida_edm2.io.network_files import load_network
+from sida_edm2.sample import metrics as fd
+from sida_edm2.sample.generate_images import resolve_network_path, write_images
+from sida_edm2.sample.image_sources import image_batches
+from sida_edm2.sample.sample_files import (
+    GRID_NAME,
+    NPZ_NAME,
+    png_path,
+    write_grid_from_pngs,
+    write_npz_from_pngs,
+)
+from sida_edm2.sample.seeds import parse_int_list
+from sida_edm2.sample.torchrun_env import barrier, init_distributed
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("png", "npz", "grid")

@@ -155,10 +155,10 @@ def pooled_features(latents, pool: int = 4):
 
 
 def latent_fd(a, b) -> float:
-    """Fréchet distance between the pooled features of two latent sets (sida_edm2.metrics' formula)."""
+    """Fréchet distance between the pooled features of two latent sets (sida_edm2.sample.metrics' formula)."""
     import numpy as np
 
-    from sida_edm2.metrics import frechet_distance
+    from sida_edm2.sample.metrics import frechet_distance
 
     fa, fb = pooled_features(a), pooled_features(b)
     return frechet_distance(fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
@@ -179,8 +179,8 @@ def summarise(paths: dict[str, Path], eval_samples: int, timings: dict) -> dict:
     import torch
 
     from latent.reader import read_manifest
-    from sida_edm2.checkpoints import load_network
-    from sida_edm2.sampling import generate_latents, teacher_latents
+    from sida_edm2.io.network_files import load_network
+    from sida_edm2.sample.sampling import generate_latents, teacher_latents
 
     torch.manual_seed(0)
     data = read_data_latents(paths["latents"])

@@ -36,14 +36,14 @@ import sys
 import click
 import torch
 
-from sida_edm2.engines import build_ds_config, load_ds_config, world_size_from_env
-from sida_edm2.train_config import (
+from sida_edm2.train.config import (
     TRAIN_METHODS,
     ConfigError,
     TrainConfig,
     check_inputs_exist,
     resolve_config,
 )
+from sida_edm2.train.engines import build_ds_config, load_ds_config, world_size_from_env
 
 
 def _float_option(name: str, help: str):
@@ -56,7 +56,9 @@ def _default(field: str):
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--preset", required=True, help="Network and hyper-parameter preset (sida_edm2/presets.py).")
+@click.option(
+    "--preset", required=True, help="Network and hyper-parameter preset (sida_edm2/model/presets.py)."
+)
 @click.option(
     "--method",
     type=click.Choice(TRAIN_METHODS),
@@ -164,7 +166,7 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
         }
         click.echo(json.dumps(resolved, indent=1))
         return
-    from sida_edm2.training import train
+    from sida_edm2.train.trainer import train
 
     try:
         train(cfg)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from latent.vae import SD_VAE_FT_MSE_CONFIG, build_vae, decode_to_uint8
-from sida_edm2.networks import Precond
-from sida_edm2.presets import get_preset
-from sida_edm2.sample_files import PngWriter
-from sida_edm2.sampling import generate_latents
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import get_preset
+from sida_edm2.sample.sample_files import PngWriter
+from sida_edm2.sample.sampling import generate_latents
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from benchmarks.toy_mixture import ToyMixture
 from benchmarks.toy_report import plot_fd, summarise, table_markdown
-from sida_edm2.checkpoints import load_network
-from sida_edm2.sampling import compute_dtype, denoise, heun_sampler
-from sida_edm2.train_config import resolve_config
-from sida_edm2.training import Trainer
+from sida_edm2.io.network_files import load_network
+from sida_edm2.sample.sampling import compute_dtype, denoise, heun_sampler
+from sida_edm2.train.config import resolve_config
+from sida_edm2.train.trainer import Trainer
 
-PRESET = "demo"  # 16x16x4 latents, 10 classes, EDM2 UNet with 3 levels (sida_edm2/presets.py)
+PRESET = "demo"  # 16x16x4 latents, 10 classes, EDM2 UNet with 3 levels (sida_edm2/model/presets.py)
 
 
 class Evaluator:

@@ -5,14 +5,14 @@ DeepSpeed engines) on random weights and synthetic latents, and report img/s, MF
     torchrun --nproc_per_node 2 benchmarks/train_step.py --preset edm2-img512-m --batch-gpu 32 --zero-stage 2
     python benchmarks/train_step.py --preset edm2-img512-xxl --batch-gpu 16 --activation-checkpointing \
         --out results/xxl.json
-    python benchmarks/train_step.py --channels-last --compile          # speed switches (sida_edm2.speed)
+    python benchmarks/train_step.py --channels-last --compile   # speed switches (sida_edm2.model.speed)
     python benchmarks/train_step.py --no-weight-cache --no-weight-recompute    # "eager": the plain networks
     python benchmarks/train_step.py --profile results/xs64-profile.txt    # where the GPU time goes
 
 One line of JSON per run goes to --out (appended), so a shell loop over configurations builds a table;
 `--table results.jsonl` prints such a file as markdown. The teacher is an export with random weights
 (gains set to 1 so that no layer computes zeros) written once to --workdir. Iterations run in the SiDA
-phase (both updates, adversarial terms on). FLOPs per image come from sida_edm2.flops (counted once per
+phase (both updates, adversarial terms on). FLOPs per image come from sida_edm2.plan.flops (counted once per
 preset on the meta device); MFU is against the H100 SXM dense bf16 peak. --profile runs two more
 iterations under the torch profiler after the timed ones and writes the GPU time by kernel category
 (sida_edm2-independent name matching: convolution/GEMM, attention, Triton, elementwise, reductions, ...)
@@ -34,13 +34,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sida_edm2.checkpoints import save_export
-from sida_edm2.flops import H100_SXM_BF16_DENSE_PEAK, count_iteration_flops, mfu
-from sida_edm2.networks import Precond
-from sida_edm2.plan import predict_peak_bytes
-from sida_edm2.presets import get_preset
-from sida_edm2.train_config import resolve_config
-from sida_edm2.training import Trainer
+from sida_edm2.io.network_files import save_export
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import get_preset
+from sida_edm2.plan.flops import H100_SXM_BF16_DENSE_PEAK, count_iteration_flops, mfu
+from sida_edm2.plan.memory import predict_peak_bytes
+from sida_edm2.train.config import resolve_config
+from sida_edm2.train.trainer import Trainer
 
 GIB = 2**30
 PEAK = H100_SXM_BF16_DENSE_PEAK

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from sida_edm2.detectors import DinoV2Detector, load_inception
+from sida_edm2.sample.detectors import DinoV2Detector, load_inception
 
 
 class StandInInception(torch.nn.Module):
@@ -56,8 +56,8 @@ def stats_worker(
     (rank 0) save mu/sigma of each metric."""
     import torch.distributed as dist
 
-    from sida_edm2.image_sources import image_batches
-    from sida_edm2.metrics import accumulate_stats
+    from sida_edm2.sample.image_sources import image_batches
+    from sida_edm2.sample.metrics import accumulate_stats
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

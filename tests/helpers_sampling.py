@@ -3,8 +3,8 @@ weights and a tiny AutoencoderKL (random weights, real diffusers architecture)."
 
 import torch
 
-from sida_edm2.networks import Precond
-from sida_edm2.presets import get_preset
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import get_preset
 
 # A 2-level AutoencoderKL: latents [4, h, w] decode to [3, 2h, 2w] images in milliseconds.
 TINY_VAE_CONFIG = {

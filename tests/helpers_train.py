@@ -26,10 +26,10 @@ def make_teacher(path: Path, seed: int = 0, row_rms: float = 3.0) -> Path:
     """A random tiny-preset Precond as an export. Its MPConv rows get RMS `row_rms` (so forced
     normalisation visibly changes them) and its gains are non-zero (a fresh EDM2 network has zero
     out_gain, which would leave every other weight without gradient)."""
-    from sida_edm2.checkpoints import save_export
-    from sida_edm2.networks import Precond
-    from sida_edm2.presets import get_preset
-    from sida_edm2.weight_norm import force_normalize_, mp_weight_params
+    from sida_edm2.io.network_files import save_export
+    from sida_edm2.model.networks import Precond
+    from sida_edm2.model.presets import get_preset
+    from sida_edm2.model.weight_norm import force_normalize_, mp_weight_params
 
     torch.manual_seed(seed)
     net = Precond(**get_preset(PRESET)["network"])
@@ -46,8 +46,8 @@ def make_teacher(path: Path, seed: int = 0, row_rms: float = 3.0) -> Path:
 
 def make_generator_export(path: Path, seed: int = 1) -> Path:
     """A tiny-preset generator export (no logvar head) with weights unlike the teacher's."""
-    from sida_edm2.checkpoints import load_network, save_export
-    from sida_edm2.networks import Precond
+    from sida_edm2.io.network_files import load_network, save_export
+    from sida_edm2.model.networks import Precond
 
     source = load_network(make_teacher(path.with_name(path.stem + "-source.safetensors"), seed=seed))
     G = Precond(**{**source.init_kwargs, "logvar_channels": 0})
@@ -60,7 +60,7 @@ def make_dataset(path: Path, num_samples: int = 64, seed: int = 0, nonfinite: bo
     """A synthetic tiny-preset latent dataset (4 x 16 x 16 latents, 10 classes) in 4 shards; with
     `nonfinite` every latent holds a NaN (for the tests of dropped samples and skipped steps)."""
     from latent.shards import write_synthetic_dataset
-    from sida_edm2.presets import get_preset
+    from sida_edm2.model.presets import get_preset
 
     network = get_preset(PRESET)["network"]
     res, classes = network["img_resolution"], network["label_dim"]
@@ -152,8 +152,8 @@ def _master_report(trainer) -> dict:
     largest difference between a master weight and the module's working copy (gathered under ZeRO-3)."""
     import deepspeed
 
-    from sida_edm2.ds_master import visit_master_weights
-    from sida_edm2.weight_norm import mp_weight_params
+    from sida_edm2.model.weight_norm import mp_weight_params
+    from sida_edm2.train.ds_master import visit_master_weights
 
     worst_rms, worst_copy = 0.0, 0.0
     for engine in (trainer.engine_g, trainer.engine_f):
@@ -173,8 +173,8 @@ def scenario_steps(trainer, iterations: int) -> dict:
     """Run iterations sub-step by sub-step: per iteration the phase, whether each network's fp32
     master weights changed across the other network's update (they must not), losses finite, and at
     the end the worst master-row RMS deviation."""
-    from sida_edm2.ds_master import master_state_dict
-    from sida_edm2.losses import training_phase
+    from sida_edm2.train.ds_master import master_state_dict
+    from sida_edm2.train.losses import training_phase
 
     cfg = trainer.cfg
     records = []
@@ -204,7 +204,7 @@ def scenario_steps(trainer, iterations: int) -> dict:
 
 def scenario_weights(trainer, iterations: int) -> dict:
     """Run whole iterations; return both engines' fp32 masters and the EMA (written with torch.save)."""
-    from sida_edm2.ds_master import master_state_dict
+    from sida_edm2.train.ds_master import master_state_dict
 
     phases = [trainer.run_iteration() for _ in range(iterations)]
     out = {
@@ -221,8 +221,8 @@ def scenario_weights(trainer, iterations: int) -> dict:
 def scenario_init(trainer, iterations: int) -> dict:
     """Before any step: are G's masters and EMA the --init-generator's weights, the fake score's the
     teacher's? Then run iterations and report the master rows' RMS."""
-    from sida_edm2.checkpoints import load_network
-    from sida_edm2.ds_master import master_state_dict
+    from sida_edm2.io.network_files import load_network
+    from sida_edm2.train.ds_master import master_state_dict
 
     init = load_network(trainer.cfg.init_generator).state_dict()
     teacher = load_network(trainer.cfg.teacher).state_dict()
@@ -251,8 +251,8 @@ def _parse(text: str):
 
 
 def main(argv: list[str]) -> None:
-    from sida_edm2.train_config import resolve_config
-    from sida_edm2.training import Trainer
+    from sida_edm2.train.config import resolve_config
+    from sida_edm2.train.trainer import Trainer
 
     scenario, out, *rest = argv
     options = dict(zip(rest[::2], rest[1::2], strict=True))

@@ -1,4 +1,4 @@
-"""sida_edm2.checkpoints and sida_edm2.safe_unpickle: EDM2 / SiDA-release pickles written in the
+"""sida_edm2.io.network_files and sida_edm2.io.safe_unpickle: EDM2 / SiDA-release pickles written in the
 torch_utils.persistence format (tests/helpers_checkpoints.py), exports, and refusal of malicious pickles.
 
     python -m pytest tests/test_checkpoints.py
@@ -20,9 +20,9 @@ import torch
 from click.testing import CliRunner
 from helpers_checkpoints import MODULE_SRC, edm2_encoder, write_persistence_pickle
 
-from sida_edm2.checkpoints import CheckpointError, load_network, main, read_checkpoint, save_export
-from sida_edm2.networks import Precond
-from sida_edm2.safe_unpickle import UnsafePickleError, load_pickle
+from sida_edm2.io.network_files import CheckpointError, load_network, main, read_checkpoint, save_export
+from sida_edm2.io.safe_unpickle import UnsafePickleError, load_pickle
+from sida_edm2.model.networks import Precond
 
 TINY = dict(
     img_resolution=8,

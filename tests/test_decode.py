@@ -23,11 +23,11 @@ from helpers_sampling import tiny_net, tiny_vae
 from decode_samples import main
 from latent.scaling import unscale_latents
 from latent.vae import load_vae
-from sida_edm2.checkpoints import load_network, save_export
-from sida_edm2.generate_images import resolve_network_path
-from sida_edm2.metrics import main as metrics_main
-from sida_edm2.sample_files import png_path, read_png
-from sida_edm2.sampling import generate_latents, teacher_latents
+from sida_edm2.io.network_files import load_network, save_export
+from sida_edm2.sample.generate_images import resolve_network_path
+from sida_edm2.sample.metrics import main as metrics_main
+from sida_edm2.sample.sample_files import png_path, read_png
+from sida_edm2.sample.sampling import generate_latents, teacher_latents
 
 REPO = Path(__file__).resolve().parents[1]
 

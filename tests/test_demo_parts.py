@@ -14,7 +14,7 @@ from latent.tiny_vae import POSTERIOR_STD_RATIO, TINY_VAE_CONFIG, calibrate_, cr
 from latent.vae import build_vae, encode_moments, load_vae
 from preprocess.sources import open_source
 from preprocess.toy_images import CLASSES, toy_image, write_toy_dataset
-from sida_edm2.metrics import frechet_distance
+from sida_edm2.sample.metrics import frechet_distance
 
 
 @pytest.fixture(scope="module")

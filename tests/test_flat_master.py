@@ -1,5 +1,5 @@
-"""sida_edm2.flat_master against the per-parameter path (sida_edm2.ds_master) on real DeepSpeed engines:
-two engines with the same weights and gradients, one normalised and averaged inside its step on the
+"""sida_edm2.train.flat_master against the per-parameter path (sida_edm2.train.ds_master) on real DeepSpeed
+engines: two engines with the same weights and gradients, one normalised and averaged inside its step on the
 flat partitions, the other through gathered masters afterwards. Two processes split the partitions
 mid-row, so the partial-row norms and their all-reduce are exercised."""
 
@@ -18,9 +18,9 @@ from tests.helpers_train import run_distributed  # noqa: E402
 
 
 def _engine_pair(stage: int, precision: str):
-    from sida_edm2 import engines
-    from sida_edm2.networks import Precond
-    from sida_edm2.presets import get_preset
+    from sida_edm2.model.networks import Precond
+    from sida_edm2.model.presets import get_preset
+    from sida_edm2.train import engines
 
     ds_config = engines.build_ds_config(
         engines.load_ds_config(stage), batch_gpu=2, rounds=1, world_size=torch.distributed.get_world_size(),
@@ -50,10 +50,10 @@ def _backward(engine, rank: int, nan: bool = False) -> None:
 
 
 def scenario(out: str, stage: int, precision: str) -> None:
-    from sida_edm2 import engines
-    from sida_edm2.ds_master import master_state_dict, normalize_master_weights_, visit_master_weights
-    from sida_edm2.ema import NetworkEMA
-    from sida_edm2.flat_master import FlatMasters
+    from sida_edm2.train import engines
+    from sida_edm2.train.ds_master import master_state_dict, normalize_master_weights_, visit_master_weights
+    from sida_edm2.train.ema import NetworkEMA
+    from sida_edm2.train.flat_master import FlatMasters
 
     env = engines.init_distributed()
     flat_engine, reference = _engine_pair(stage, precision)

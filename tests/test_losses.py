@@ -1,4 +1,4 @@
-"""Unit tests of sida_edm2.losses against values worked out by hand (plain Python / numpy float64).
+"""Unit tests of sida_edm2.train.losses against values worked out by hand (plain Python / numpy float64).
 
 Run: `python -m pytest tests/test_losses.py`
 """
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sida_edm2 import losses as L
+from sida_edm2.train import losses as L
 
 
 def softplus(x):

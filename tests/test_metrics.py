@@ -16,9 +16,10 @@ from helpers_metrics import StandInBackbone, save_standin_inception, standin_det
 from helpers_sampling import tiny_vae
 
 from latent.shards import write_synthetic_dataset
-from sida_edm2 import detectors as det
-from sida_edm2.image_sources import image_batches, npz_image_count
-from sida_edm2.metrics import (
+from sida_edm2.io.safe_unpickle import UnsafePickleError
+from sida_edm2.sample import detectors as det
+from sida_edm2.sample.image_sources import image_batches, npz_image_count
+from sida_edm2.sample.metrics import (
     FeatureStats,
     accumulate_stats,
     compare_to_reference,
@@ -27,7 +28,6 @@ from sida_edm2.metrics import (
     main,
     save_reference_stats,
 )
-from sida_edm2.safe_unpickle import UnsafePickleError
 
 
 def _random_spd(dim: int, seed: int) -> np.ndarray:

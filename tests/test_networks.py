@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sida_edm2.mp_layers import MPConv, mp_cat, mp_silu, mp_sum, normalize, resample
-from sida_edm2.networks import SIGMA_INIT, Generator, Precond, make_generator, precond_coefficients
-from sida_edm2.presets import get_preset
+from sida_edm2.model.mp_layers import MPConv, mp_cat, mp_silu, mp_sum, normalize, resample
+from sida_edm2.model.networks import SIGMA_INIT, Generator, Precond, make_generator, precond_coefficients
+from sida_edm2.model.presets import get_preset
 
 
 def tiny_net(**overrides) -> Precond:

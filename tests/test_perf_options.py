@@ -1,4 +1,4 @@
-"""Speed and memory switches of the networks (issue 7, sida_edm2.speed): each computes what the plain
+"""Speed and memory switches of the networks (issue 7, sida_edm2.model.speed): each computes what the plain
 network computes - bit for bit where the same kernels run, to float32 rounding where the layout changes.
 
 Run: .venv/bin/python -m pytest tests/test_perf_options.py            (the full-network compile test is
@@ -13,12 +13,12 @@ import pytest
 import torch
 from helpers_train import make_dataset, make_teacher, run_scenario
 
-from sida_edm2 import speed
-from sida_edm2.mp_layers import MPConv, is_channels_last
-from sida_edm2.networks import Block, Precond
-from sida_edm2.plan_activations import SavedTensorMeter
-from sida_edm2.presets import get_preset
-from sida_edm2.weight_norm import normalize_rows_
+from sida_edm2.model import speed
+from sida_edm2.model.mp_layers import MPConv, is_channels_last
+from sida_edm2.model.networks import Block, Precond
+from sida_edm2.model.presets import get_preset
+from sida_edm2.model.weight_norm import normalize_rows_
+from sida_edm2.plan.activations import SavedTensorMeter
 
 
 def tiny_net(**overrides) -> Precond:

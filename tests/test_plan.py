@@ -6,8 +6,8 @@ Everything runs on the meta device (nothing is allocated) except the hand counts
 import pytest
 import torch
 
-from sida_edm2.engines import enable_activation_checkpointing
-from sida_edm2.flops import (
+from sida_edm2.plan.activations import SavedTensorMeter, fused_attention_on_meta, measure_activations
+from sida_edm2.plan.flops import (
     H100_SXM_BF16_DENSE_PEAK,
     PASSES,
     build_iteration_networks,
@@ -15,7 +15,7 @@ from sida_edm2.flops import (
     count_iteration_flops,
     mfu,
 )
-from sida_edm2.plan import (
+from sida_edm2.plan.memory import (
     GIB,
     NothingFitsError,
     batch_choices,
@@ -24,7 +24,7 @@ from sida_edm2.plan import (
     predict_peak_bytes,
     recommend,
 )
-from sida_edm2.plan_activations import SavedTensorMeter, fused_attention_on_meta, measure_activations
+from sida_edm2.train.engines import enable_activation_checkpointing
 
 XS, XXL = "edm2-img512-xs", "edm2-img512-xxl"
 XXL_PARAMS = 1_523_164_773  # DESIGN.md section 3, the Precond with logvar head
@@ -125,7 +125,7 @@ def test_model_states_shrink_with_each_zero_stage():
 def test_checkpointing_lowers_saved_tensors():
     plain, checkpointed = _plan(), _plan(activation_checkpointing=True)
     assert checkpointed.activations < plain.activations
-    # MPConv weight copies are recomputed in backward, not saved (sida_edm2.speed): what stays batch-
+    # MPConv weight copies are recomputed in backward, not saved (sida_edm2.model.speed): what stays batch-
     # independent is the frozen fake score's weight cache in the generator update (its convolutions, about
     # 95% of the weights, in bf16), plus with checkpointing the copies of the one block being recomputed.
     assert 1.8 * XXL_PARAMS < plain.saved_weight_copies <= checkpointed.saved_weight_copies < 2 * XXL_PARAMS

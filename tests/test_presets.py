@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from sida_edm2.networks import Precond
-from sida_edm2.presets import PRESETS, get_preset
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import PRESETS, get_preset
 
 # DESIGN.md section 3: parameters of the official img512 networks (1000 classes, with the logvar head).
 PARAM_COUNTS = {
@@ -91,7 +91,7 @@ def test_get_preset_unknown_name_lists_valid_names():
 
 def test_weight_recompute_follows_the_preset():
     # Recomputing normalised weights saves memory but costs speed: on only for the sizes memory limits.
-    from sida_edm2.train_config import resolve_config
+    from sida_edm2.train.config import resolve_config
 
     recompute = {size: get_preset(f"edm2-img512-{size}")["weight_recompute"] for size in ("xs", "m", "xxl")}
     assert recompute == {"xs": False, "m": False, "xxl": True}

@@ -9,15 +9,15 @@ import pytest
 import torch
 from helpers_sampling import tiny_net
 
-from sida_edm2.networks import SIGMA_INIT, Precond, make_generator
-from sida_edm2.sampling import (
+from sida_edm2.model.networks import SIGMA_INIT, Precond, make_generator
+from sida_edm2.sample.sampling import (
     draw_seed_inputs,
     generate_latents,
     heun_sampler,
     karras_sigmas,
     teacher_latents,
 )
-from sida_edm2.seeds import batches, parse_int_list, rank_slice
+from sida_edm2.sample.seeds import batches, parse_int_list, rank_slice
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,12 @@ import pytest
 import torch
 from helpers_train import PRESET, make_teacher, run_scenario
 
-from sida_edm2.checkpoints import load_network
-from sida_edm2.losses import (
+from sida_edm2.io.network_files import load_network
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import get_preset
+from sida_edm2.model.weight_norm import force_normalize_
+from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise
+from sida_edm2.train.losses import (
     ema_beta,
     ema_update_,
     fake_score_loss,
@@ -32,10 +36,6 @@ from sida_edm2.losses import (
     sid_generator_loss,
     training_phase,
 )
-from sida_edm2.networks import Precond
-from sida_edm2.presets import get_preset
-from sida_edm2.train_data import LabelSampler, derived_seed, draw_step_noise
-from sida_edm2.weight_norm import force_normalize_
 
 ITERATIONS = 3  # fake-score only, then two SiD iterations
 BATCH, SEED, FAKE_ONLY_KIMG = 8, 0, 0.008

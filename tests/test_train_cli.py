@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from helpers_train import cli_args, make_dataset, make_teacher
 
 import train_edm2
-from sida_edm2.engines import DS_CONFIG_DIR, build_ds_config, load_ds_config
-from sida_edm2.run_state import check_resume_config
-from sida_edm2.train_config import ConfigError, resolve_config
+from sida_edm2.train.config import ConfigError, resolve_config
+from sida_edm2.train.engines import DS_CONFIG_DIR, build_ds_config, load_ds_config
+from sida_edm2.train.run_checkpoints import check_resume_config
 
 
 @pytest.fixture(scope="module")

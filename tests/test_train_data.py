@@ -9,7 +9,7 @@ import torch
 from helpers_train import make_dataset
 
 from latent.reader import read_manifest
-from sida_edm2.train_data import LabelSampler, derived_seed, draw_step_noise, open_real_data
+from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data
 
 
 def test_labels_follow_the_class_counts_and_are_uniform_without_them():

@@ -9,8 +9,8 @@ import json
 import pytest
 from helpers_train import cli_args, make_dataset, run_distributed
 
-from sida_edm2.checkpoints import load_network
-from sida_edm2.presets import get_preset
+from sida_edm2.io.network_files import load_network
+from sida_edm2.model.presets import get_preset
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from helpers_train import (
     subprocess_env,
 )
 
-from sida_edm2.checkpoints import load_network
+from sida_edm2.io.network_files import load_network
 
 FINAL = "ckpt-00000006"  # 6 iterations of 8 images, checkpoints after iterations 2, 4 and 6
 

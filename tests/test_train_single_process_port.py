@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent(
         blocker.listen()
     except OSError:
         pass  # already held by someone else: the point of the test either way
-    from sida_edm2.engines import init_distributed
+    from sida_edm2.train.engines import init_distributed
     env = init_distributed()
     import torch
     torch.distributed.barrier()

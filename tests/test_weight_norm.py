@@ -6,10 +6,10 @@ Run: .venv/bin/python -m pytest tests/test_weight_norm.py
 import pytest
 import torch
 
-from sida_edm2.mp_layers import MPConv
-from sida_edm2.networks import Precond
-from sida_edm2.presets import get_preset
-from sida_edm2.weight_norm import ForcedWeightNorm, force_normalize_, mp_weight_params, normalize_rows_
+from sida_edm2.model.mp_layers import MPConv
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import get_preset
+from sida_edm2.model.weight_norm import ForcedWeightNorm, force_normalize_, mp_weight_params, normalize_rows_
 
 
 def make_net() -> Precond:

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from sida_edm2.losses import METHODS
-from sida_edm2.presets import get_preset
+from sida_edm2.model.presets import get_preset
+from sida_edm2.train.losses import METHODS
 
 # The distillation methods, plus "edm2": training an EDM2 teacher from scratch with EDM2's loss (the
 # fake-score loss on real data), for the demo and the toy reproduction, where no official teacher exists.
@@ -53,7 +53,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    preset: str  # Name in sida_edm2.presets.PRESETS: network architecture and default hyper-parameters.
+    preset: str  # Name in sida_edm2.model.presets.PRESETS: network architecture and default hyper-parameters.
     run_dir: str  # Output directory; rerunning with the same run_dir resumes from its last checkpoint.
     teacher: str | None = None  # EDM2 .pkl or export (.safetensors + .json) of the teacher.
     method: str = "sida"  # "sid" (data-free), "sida", "sid2a" (SiDA from a SiD generator) or "edm2".
@@ -86,7 +86,7 @@ class TrainConfig:
     force_norm: bool = True  # Forced weight normalisation of the master weights after each step.
     activation_checkpointing: bool = False  # Recompute each UNet block in backward to save memory.
     teacher_zero3: bool = False  # Partition the frozen teacher with a ZeRO-3 inference engine.
-    # Speed switches (sida_edm2.speed); none changes the results beyond float rounding.
+    # Speed switches (sida_edm2.model.speed); none changes the results beyond float rounding.
     weight_cache: bool = True  # Teacher weights baked; the frozen fake score's cached in the G update.
     weight_recompute: bool = True  # Recompute MPConv weights in backward instead of keeping copies.
     channels_last: bool = False  # Run the UNets on channels-last activations.

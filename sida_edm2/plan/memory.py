@@ -3,7 +3,7 @@
     python -m sida_edm2.plan --preset edm2-img512-xxl --gpus 8 --gpu-memory 80
     python -m sida_edm2.plan --preset edm2-img512-xs --gpus 1 --gpu-memory 80 --precision fp32
 
-    from sida_edm2.plan import predict_peak_bytes, recommend
+    from sida_edm2.plan.memory import predict_peak_bytes, recommend
     plan = predict_peak_bytes("edm2-img512-xxl", batch_gpu=16, gpus=8, zero_stage=3,
                               activation_checkpointing=True, teacher_partitioned=False)
     plan.total, plan.terms()      # bytes per GPU (the torch.cuda.max_memory_allocated it predicts), by term
@@ -20,8 +20,8 @@ The model (bytes per GPU; N = parameters of a network, W = GPUs, lp = 2 for bf16
   saves, plus workspace) or its optimizer step (an fp32 copy of its gradients, 4N at stage 0, 4N/W
   from stage 1). The peak is the largest of
   these four phases; `MemoryPlan.phase` names it.
-- Saved tensors are measured, not estimated (sida_edm2.plan_activations): the replica of both updates
-  runs on the meta device with the training's default speed switches (sida_edm2.speed); a batch-
+- Saved tensors are measured, not estimated (sida_edm2.plan.activations): the replica of both updates
+  runs on the meta device with the training's default speed switches (sida_edm2.model.speed); a batch-
   independent part (`saved_weight_copies`: with weight recomputation essentially the frozen fake
   score's cached weights in the generator update, below ZeRO-3) and a per-image part (`activations`).
   With activation checkpointing (blocks of all three networks): what is saved outside the blocks, plus
@@ -40,15 +40,15 @@ from pathlib import Path
 
 import torch
 
-from sida_edm2.networks import Precond
-from sida_edm2.plan_activations import PRECISIONS, measure_activations
-from sida_edm2.presets import PRESETS, get_preset
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import PRESETS, get_preset
+from sida_edm2.plan.activations import PRECISIONS, measure_activations
 
 GIB = 2**30
 WORKSPACE_FACTOR = 3
 DEFAULT_HEADROOM = 0.9  # fraction of the card the predicted peak may use
 DEFAULT_SATURATING_BATCH = 64  # per-GPU images beyond which a bigger micro-batch is assumed to buy no speed
-_DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+_DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # DeepSpeed 0.19.8 defaults for keys ds_configs/zero<N>.json may leave out.
 _ZERO_DEFAULTS = dict(reduce_bucket_size=5e8, allreduce_bucket_size=5e8, stage3_max_live_parameters=1e9)
 
@@ -165,7 +165,7 @@ def predict_peak_bytes(
         zero3_buffers=reduce_buckets + (gathered if stage == 3 or teacher_partitioned else 0),
         step_noise=4 * step_images * (2 * C * R * R + labels + 1),
     )
-    # ZeRO-3 partitioned weights are never cached (sida_edm2.speed).
+    # ZeRO-3 partitioned weights are never cached (sida_edm2.model.speed).
     if weight_recompute is None:
         weight_recompute = cfg.get("weight_recompute", True)
     activations = measure_activations(network, precision, stage < 3, weight_recompute)

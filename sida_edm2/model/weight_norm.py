@@ -17,7 +17,7 @@ parameters listed by `mp_weight_params` instead.
 
 import torch
 
-from sida_edm2.mp_layers import MPConv, normalize
+from sida_edm2.model.mp_layers import MPConv, normalize
 
 
 def mp_weight_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sida_edm2.networks import SIGMA_INIT, Precond
+from sida_edm2.model.networks import SIGMA_INIT, Precond
 
 ClassSpec = int | Sequence[int] | torch.Tensor | None
 

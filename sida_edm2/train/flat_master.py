@@ -1,6 +1,6 @@
 """Forced weight normalisation and the EMA on the flat fp32 master partitions of a DeepSpeed ZeRO-1/2
 engine, inside its optimizer step: a few operations per parameter and one collective per step, instead
-of gathering every parameter whole (sida_edm2.ds_master, which stays the path for ZeRO-0/3).
+of gathering every parameter whole (sida_edm2.train.ds_master, which stays the path for ZeRO-0/3).
 
     flat = FlatMasters.attach(engine, normalize=True, ema=True)   # None where the engine has no flat
     flat.reset_ema()                                               # EMA := masters (after any init)
@@ -27,8 +27,8 @@ import math
 
 import torch
 
-from sida_edm2.mp_layers import NORMALIZE_EPS
-from sida_edm2.weight_norm import mp_weight_params
+from sida_edm2.model.mp_layers import NORMALIZE_EPS
+from sida_edm2.model.weight_norm import mp_weight_params
 
 
 class _RowFragment:
@@ -91,7 +91,7 @@ class FlatMasters:
     @staticmethod
     def attach(engine, normalize: bool, ema: bool) -> "FlatMasters | None":
         """A FlatMasters for a ZeRO-1/2 engine (every trainable parameter mapped onto flat fp32
-        partitions); None for other engines (stage 0, ZeRO-3), which keep sida_edm2.ds_master's path."""
+        partitions); None for other engines (stage 0, ZeRO-3), which keep sida_edm2.train.ds_master's path."""
         params = [p for p in engine.module.parameters() if p.requires_grad]
         if not params or not all(hasattr(p, "_hp_mapping") for p in params) or hasattr(params[0], "ds_id"):
             return None

@@ -1,7 +1,7 @@
 """Speed and memory switches of the EDM2 networks (issue 7). None changes what a network computes (see
 each below for where float rounding may differ).
 
-    from sida_edm2 import speed
+    from sida_edm2.model import speed
     speed.set_weight_recompute(net, True)       # default: MPConvs recompute their weights in backward
     speed.bake_effective_weights_(teacher)      # a network that never trains: weights become effective ones
     speed.cache_effective_weights(F, True)      # F frozen for a while: effective weights computed once ...
@@ -12,7 +12,7 @@ each below for where float rounding may differ).
     speed.configure_network(net, checkpointed_blocks=True, channels_last=True, compile=True)  # training
 
 What each saves (an MPConv's effective weight is normalize(w) * gain / sqrt(fan_in), float32, cast to the
-compute dtype; forced weight normalisation is separate, see sida_edm2.weight_norm):
+compute dtype; forced weight normalisation is separate, see sida_edm2.model.weight_norm):
 - Recomputation: without it autograd keeps a float32 and a compute-dtype copy of every weight per
   trainable forward (6 bytes per parameter in bf16); with it only the parameter itself. The cost is one
   more evaluation of the (elementwise) weight path in backward. Bit-identical outputs and gradients,
@@ -41,8 +41,8 @@ compute dtype; forced weight normalisation is separate, see sida_edm2.weight_nor
 
 import torch
 
-from sida_edm2.mp_layers import MPConv, effective_weight
-from sida_edm2.networks import Block, UNet
+from sida_edm2.model.mp_layers import MPConv, effective_weight
+from sida_edm2.model.networks import Block, UNet
 
 # dynamo compiles one graph per distinct block configuration (shapes, train/eval, grad mode, output
 # needs); EDM2's UNets have up to ~25 distinct blocks, the default limit of 8 per code object is far too low.

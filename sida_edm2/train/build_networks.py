@@ -17,10 +17,10 @@ import random
 import numpy as np
 import torch
 
-from sida_edm2.checkpoints import CheckpointError, load_network
-from sida_edm2.networks import Precond
-from sida_edm2.presets import get_preset
-from sida_edm2.train_config import ConfigError, TrainConfig
+from sida_edm2.io.network_files import CheckpointError, load_network
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import get_preset
+from sida_edm2.train.config import ConfigError, TrainConfig
 
 LOGVAR_PREFIX = "logvar_"
 

@@ -29,10 +29,10 @@ import tqdm
 
 from latent.manifest import MANIFEST
 from latent.vae import load_vae
-from sida_edm2 import detectors as det
-from sida_edm2.image_sources import image_batches
-from sida_edm2.safe_unpickle import load_pickle
-from sida_edm2.torchrun_env import init_distributed
+from sida_edm2.io.safe_unpickle import load_pickle
+from sida_edm2.sample import detectors as det
+from sida_edm2.sample.image_sources import image_batches
+from sida_edm2.sample.torchrun_env import init_distributed
 
 
 class FeatureStats:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sida_edm2.train_config import RESUME_MUST_MATCH, ConfigError
+from sida_edm2.train.config import RESUME_MUST_MATCH, ConfigError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -176,7 +176,7 @@ def load_checkpoint(path: Path, engines: dict, ema, rank: int) -> dict:
 
 def write_exports(module: torch.nn.Module, run_dir: str | os.PathLike, nimg: int) -> Path:
     """Export the (EMA) generator as export-<kimg>.safetensors and export-latest.safetensors (+ .json)."""
-    from sida_edm2.checkpoints import save_export
+    from sida_edm2.io.network_files import save_export
 
     path = export_path(run_dir, nimg)
     save_export(module, path)

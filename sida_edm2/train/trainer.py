@@ -22,12 +22,12 @@ One iteration (paper Algorithms 1-3, DESIGN.md sections 5-6), B = batch_gpu, R a
     adversarial) / (B R). Gradients reach G only through the inputs of the frozen networks.
  3. After each optimizer step: forced weight normalisation of the stepped network's fp32 master
     weights; after G's step the EMA of G from the same fp32 values. Under ZeRO-1/2 both happen inside
-    the step, on this rank's flat fp32 partitions (sida_edm2.flat_master), and the EMA is gathered
+    the step, on this rank's flat fp32 partitions (sida_edm2.train.flat_master), and the EMA is gathered
     whole only for checkpoints, exports and grids (`ema_network()`); otherwise from gathered masters.
 Method "edm2" runs only step 1's DSM loss, on real latents instead of generator output, for a fresh
 network of the preset, and keeps the EMA of that network.
 Non-finite per-sample losses are dropped and counted; steps with non-finite gradients are skipped and
-counted (by sida_edm2.flat_master under ZeRO-1/2, DeepSpeed for fp16 and ZeRO-3, the loop at stage 0).
+counted (by sida_edm2.train.flat_master under ZeRO-1/2, DeepSpeed for fp16 and ZeRO-3, the loop at stage 0).
 engine.backward(..., scale_wrt_gas=False): the loss is already divided by B*R, and DeepSpeed's default
 would divide by R a second time.
 """
@@ -38,11 +38,16 @@ from pathlib import Path
 
 import torch
 
-from sida_edm2 import engines, speed
-from sida_edm2.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
-from sida_edm2.ema import NetworkEMA
-from sida_edm2.flat_master import FlatMasters
-from sida_edm2.losses import (
+from sida_edm2.model import speed
+from sida_edm2.train import engines
+from sida_edm2.train.build_networks import build_networks, seed_everything
+from sida_edm2.train.config import TrainConfig, check_inputs_exist
+from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data
+from sida_edm2.train.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
+from sida_edm2.train.ema import NetworkEMA
+from sida_edm2.train.flat_master import FlatMasters
+from sida_edm2.train.log import RunLog, TickStats, save_sample_grid, tick_values
+from sida_edm2.train.losses import (
     adversarial_generator_loss,
     discriminator_loss,
     ema_beta,
@@ -54,7 +59,7 @@ from sida_edm2.losses import (
     sid_generator_loss,
     training_phase,
 )
-from sida_edm2.run_state import (
+from sida_edm2.train.run_checkpoints import (
     capture_rng,
     check_resume_config,
     find_latest,
@@ -65,10 +70,6 @@ from sida_edm2.run_state import (
     save_checkpoint,
     write_exports,
 )
-from sida_edm2.train_config import TrainConfig, check_inputs_exist
-from sida_edm2.train_data import LabelSampler, derived_seed, draw_step_noise, open_real_data
-from sida_edm2.train_log import RunLog, TickStats, save_sample_grid, tick_values
-from sida_edm2.train_networks import build_networks, seed_everything
 
 
 class Trainer:
@@ -100,8 +101,8 @@ class Trainer:
         )
         trained = [net for net in (G, F) if net is not None]
         # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
-        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.flat_master): this copy
-        # is only where it is gathered for checkpoints and exports, so it stays in host memory.
+        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.train.flat_master): this
+        # copy is only where it is gathered for checkpoints and exports, so it stays in host memory.
         ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
         self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
         speed_options = dict(

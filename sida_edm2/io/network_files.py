@@ -7,7 +7,7 @@ exports, and write exports.
 
     python -m sida_edm2.checkpoints convert edm2-img512-xs-2147483-0.135.pkl exports/edm2-xs.safetensors
 
-Pickles are read with `sida_edm2.safe_unpickle` (nothing in them is executed): the architecture comes from
+Pickles are read with `sida_edm2.io.safe_unpickle` (nothing in them is executed): the architecture comes from
 the constructor arguments `torch_utils.persistence` saved with the network (`_init_kwargs`), the weights
 from its parameters and buffers. An export is `X.safetensors` (fp32 state dict) beside `X.json`:
 {"format": "sida-edm2-export", "version": 1, "class": "Precond", "init_kwargs": {...}, "source": {...},
@@ -29,8 +29,8 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from sida_edm2.networks import Block, Precond, UNet
-from sida_edm2.safe_unpickle import PersistentObject, TorchModuleRecord, load_pickle
+from sida_edm2.io.safe_unpickle import PersistentObject, TorchModuleRecord, load_pickle
+from sida_edm2.model.networks import Block, Precond, UNet
 
 EXPORT_FORMAT = "sida-edm2-export"
 EXPORT_VERSION = 1
@@ -213,7 +213,7 @@ def save_export(net: Precond, path: str | Path, *, source: dict | None = None) -
     temporary file and os.replace. `source` (JSON-serialisable) records where the weights came from.
     Returns (weights path, config path)."""
     if not isinstance(net, Precond):
-        raise TypeError(f"save_export expects a sida_edm2.networks.Precond, got {type(net).__name__}")
+        raise TypeError(f"save_export expects a sida_edm2.model.networks.Precond, got {type(net).__name__}")
     weights_path, config_path = export_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     export_id = uuid.uuid4().hex

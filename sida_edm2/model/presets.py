@@ -1,7 +1,7 @@
 """Training presets as data: the six EDM2 img512 sizes with SiDA's settings (paper Table 7), plus `tiny`
 (unit tests, millisecond CPU forwards) and `demo` (the README demo, CPU-friendly).
 
-    from sida_edm2.presets import get_preset
+    from sida_edm2.model.presets import get_preset
     cfg = get_preset("edm2-img512-xs")
     net = Precond(**cfg["network"])
 

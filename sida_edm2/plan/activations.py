@@ -1,10 +1,10 @@
 """What autograd saves for backward during the two SiDA updates, measured on the meta device.
 
-    from sida_edm2.plan_activations import measure_activations
+    from sida_edm2.plan.activations import measure_activations
     acts = measure_activations("edm2-img512-xxl", "bf16")       # about a second, then cached
     acts["generator_update"].at(batch=16, checkpointing=True)   # Linear(fixed bytes, bytes per image)
 
-The replica of both updates (sida_edm2.flops) runs in the training precision under
+The replica of both updates (sida_edm2.plan.flops) runs in the training precision under
 `torch.autograd.graph.saved_tensors_hooks` at two micro-batch sizes. Saved bytes are exactly linear in
 the micro-batch, so two runs split them into a batch-independent part (the normalised weight copies each
 MPConv makes per forward and autograd keeps) and a per-image part (activations). Attention is routed to
@@ -15,7 +15,7 @@ and the teacher recomputed in backward) what stays saved is everything saved out
 the block inputs and the cached weights; the largest single block call's internals come on top while it
 is recomputed.
 
-The networks use the training's speed options (sida_edm2.speed): the teacher's weights baked, MPConv
+The networks use the training's speed options (sida_edm2.model.speed): the teacher's weights baked, MPConv
 weights recomputed in backward (inside checkpointed blocks not: the block recomputation already frees
 them), and, with `weight_cache`, the frozen fake score's effective weights cached during the generator
 update (a compute-dtype copy of its weights, measured as batch-independent saved bytes).
@@ -28,9 +28,9 @@ import json
 
 import torch
 
-from sida_edm2 import speed
-from sida_edm2.flops import PASSES, build_iteration_networks, network_kwargs
-from sida_edm2.networks import Block
+from sida_edm2.model import speed
+from sida_edm2.model.networks import Block
+from sida_edm2.plan.flops import PASSES, build_iteration_networks, network_kwargs
 
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of the working copies and activations
 _MEASURE_BATCHES = (3, 6)  # two batch sizes no weight has as its first dimension (see largest_activation)

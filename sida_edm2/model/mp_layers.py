@@ -3,7 +3,7 @@ Dynamics of Diffusion Models"), written from DESIGN.md section 3.
 
 Every op keeps unit-variance inputs at unit variance, so the network needs no biases and no
 normalisation layers. `MPConv.forward` is pure: forced weight normalisation (rescaling the *stored*
-weights) lives in `sida_edm2.weight_norm`, outside the autograd graph.
+weights) lives in `sida_edm2.model.weight_norm`, outside the autograd graph.
 """
 
 import math
@@ -174,15 +174,15 @@ class MPConv(torch.nn.Module):
     """Bias-free linear layer (kernel []) or 2-D convolution (kernel [k, k]) with weight normalisation.
 
     The effective weight is normalize(weight) * gain / sqrt(fan_in), computed in float32 and then cast to
-    the input dtype. The stored weight is never modified here (see sida_edm2.weight_norm). Three switches
-    change how it is computed, never what (sida_edm2.speed sets them on a whole network):
+    the input dtype. The stored weight is never modified here (see sida_edm2.model.weight_norm). Three
+    switches change how it is computed, never what (sida_edm2.model.speed sets them on a whole network):
     - `recompute_weight` (default on): the effective weight is recomputed in backward instead of being
       kept for it (see _RecomputedWeightMPConv). Off inside torch.compile, whose partitioner decides that.
     - `cache_weight`: while the weight gets no gradient (frozen, or grad disabled), the effective weight
       is computed once and reused until `invalidate_weight_cache` (or an in-place change of the weight or
       gain that bumps its version). Not under torch.compile, not for ZeRO-3 partitioned weights.
     - `weight_is_effective`: the stored weight already is the effective weight (the frozen teacher,
-      baked once by sida_edm2.speed.bake_effective_weights_); the gain argument is then ignored.
+      baked once by sida_edm2.model.speed.bake_effective_weights_); the gain argument is then ignored.
     """
 
     recompute_weight: bool = True  # Class-wide default; instances override it.

@@ -3,7 +3,7 @@
     python -m sida_edm2.flops                                   # table for the img512 presets
     python -m sida_edm2.flops --preset edm2-img512-xs --method sid
 
-    from sida_edm2.flops import count_iteration_flops, mfu, H100_SXM_BF16_DENSE_PEAK
+    from sida_edm2.plan.flops import count_iteration_flops, mfu, H100_SXM_BF16_DENSE_PEAK
     flops = count_iteration_flops("edm2-img512-xs")             # meta device: no memory, < 1 s
     flops.per_image                                             # forward + backward FLOPs per generator image
     mfu(img_per_s * flops.per_image, H100_SXM_BF16_DENSE_PEAK)  # model FLOPs utilisation of one GPU
@@ -15,8 +15,8 @@ misses the CPU's fused attention kernel, and on CUDA it adds flash attention's r
 backward. The counts are per image and do not depend on the micro-batch.
 
 The iteration replica below (`build_iteration_networks`, `fake_score_pass`, `generator_pass`) repeats the
-computation of `sida_edm2.training.Trainer` - both updates with the same networks, train/eval modes,
-frozen parameters, return modes and loss functions - without DeepSpeed, on any device. `sida_edm2.plan`
+computation of `sida_edm2.train.trainer.Trainer` - both updates with the same networks, train/eval modes,
+frozen parameters, return modes and loss functions - without DeepSpeed, on any device. `sida_edm2.plan.memory`
 runs the same replica to measure the activations autograd saves.
 """
 
@@ -26,8 +26,10 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sida_edm2 import speed
-from sida_edm2.losses import (
+from sida_edm2.model import speed
+from sida_edm2.model.networks import SIGMA_INIT, Precond
+from sida_edm2.model.presets import PRESETS, get_preset
+from sida_edm2.train.losses import (
     adversarial_generator_loss,
     discriminator_loss,
     fake_score_loss,
@@ -36,8 +38,6 @@ from sida_edm2.losses import (
     generator_sigma,
     sid_generator_loss,
 )
-from sida_edm2.networks import SIGMA_INIT, Precond
-from sida_edm2.presets import PRESETS, get_preset
 
 # NVIDIA H100 SXM dense (no sparsity) bf16 tensor-core peak, FLOP/s (the datasheet's 1979 TFLOPS is sparse).
 H100_SXM_BF16_DENSE_PEAK = 989.4e12
@@ -61,7 +61,7 @@ def network_kwargs(network: str | dict) -> dict:
 class IterationNetworks:
     generator: Precond  # G: the teacher's architecture without logvar head, trainable
     fake_score: Precond  # f_psi: with logvar head, trainable
-    teacher: Precond  # frozen, always in eval mode, its weights baked (sida_edm2.speed)
+    teacher: Precond  # frozen, always in eval mode, its weights baked (sida_edm2.model.speed)
     cache_fake_score_weights: bool = True  # cache the frozen fake score's weights in the generator pass
 
     def modules(self) -> tuple[Precond, Precond, Precond]:
@@ -138,7 +138,7 @@ def generator_pass(nets: IterationNetworks, batch: int, method: str = "sida") ->
     # The graph records the frozen state while it is built, so requires_grad can be restored right after.
     F.eval().requires_grad_(False)
     # The training caches the frozen fake score's effective weights during its generator update; here
-    # the cache stays filled after the pass (sida_edm2.plan_activations measures it) until the next one.
+    # the cache stays filled after the pass (sida_edm2.plan.activations measures it) until the next one.
     speed.cache_effective_weights(F, nets.cache_fake_score_weights)
     try:
         if method == "sid":

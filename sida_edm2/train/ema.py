@@ -7,7 +7,7 @@ from the optimizer's fp32 master weights.
 
 The EMA is what the run exports and what sample grids show. Under ZeRO-0/3 this copy is the EMA itself,
 on rank 0's GPU, updated from the gathered masters after every step. Under ZeRO-1/2 the EMA is kept as
-flat partitions beside the masters (sida_edm2.flat_master) and this copy, in host memory, is only where
+flat partitions beside the masters (sida_edm2.train.flat_master) and this copy, in host memory, is only where
 it is gathered for checkpoints, exports and grids (Trainer.ema_network()).
 """
 
@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from sida_edm2.losses import ema_update_
+from sida_edm2.train.losses import ema_update_
 
 
 class NetworkEMA:

@@ -1,6 +1,6 @@
 """The optimizer's fp32 master weights of a DeepSpeed engine: read them whole, rewrite them, keep the
 module's working copy equal. Used for forced weight normalisation and for the EMA of G under ZeRO-0/3
-(ZeRO-1/2 do both inside the optimizer step: sida_edm2.flat_master), at the start of a run, and to
+(ZeRO-1/2 do both inside the optimizer step: sida_edm2.train.flat_master), at the start of a run, and to
 read the masters whole (tests, consolidated exports).
 
     for name, value in visit_master_weights(engine, normalize=True):   # once per optimizer step
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
-from sida_edm2.weight_norm import mp_weight_params, normalize_rows_
+from sida_edm2.model.weight_norm import mp_weight_params, normalize_rows_
 
 
 def _is_zero3(param: torch.nn.Parameter) -> bool:

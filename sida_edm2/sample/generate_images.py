@@ -3,7 +3,7 @@
     path = resolve_network_path("runs/xs-sida")          # run dir -> export-latest.safetensors (or newest)
     made = write_images(net, vae, seeds=range(50000), outdir="out", batch=64, rank=r, world_size=w)
 
-Images depend only on their seed (sida_edm2.sampling), so a rerun makes only the seeds whose PNG is
+Images depend only on their seed (sida_edm2.sample.sampling), so a rerun makes only the seeds whose PNG is
 missing, and the ranks split those (interleaved, disjoint) so that they finish together.
 """
 
@@ -15,10 +15,10 @@ import torch
 import tqdm
 
 from latent.vae import decode_to_uint8
-from sida_edm2.sample_files import PngWriter, missing_seeds
-from sida_edm2.sampling import generate_latents, teacher_latents
-from sida_edm2.seeds import batches, rank_slice
-from sida_edm2.torchrun_env import barrier
+from sida_edm2.sample.sample_files import PngWriter, missing_seeds
+from sida_edm2.sample.sampling import generate_latents, teacher_latents
+from sida_edm2.sample.seeds import batches, rank_slice
+from sida_edm2.sample.torchrun_env import barrier
 
 # How training run directories name their generator exports, in order of preference (newest = last by name).
 EXPORT_LATEST = "export-latest.safetensors"

@@ -150,11 +150,11 @@ def save_sample_grid(
     heun_steps: int = 0,
     seeds: range = range(16),
 ) -> Path:
-    """A PNG grid of images for fixed seeds (classes drawn per seed, see sida_edm2.sampling): one step
+    """A PNG grid of images for fixed seeds (classes drawn per seed, see sida_edm2.sample.sampling): one step
     of the generator `net`, or, with heun_steps > 0, EDM2's Heun sampler on the denoiser `net`. Decoded
     with `vae` when given, else the latent channels are shown."""
-    from sida_edm2.sample_files import tile_grid
-    from sida_edm2.sampling import generate_latents, teacher_latents
+    from sida_edm2.sample.sample_files import tile_grid
+    from sida_edm2.sample.sampling import generate_latents, teacher_latents
 
     if heun_steps:
         latents, _ = teacher_latents(net, list(seeds), num_steps=heun_steps)

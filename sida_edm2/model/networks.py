@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from sida_edm2.mp_layers import (
+from sida_edm2.model.mp_layers import (
     MPConv,
     MPFourier,
     is_channels_last,

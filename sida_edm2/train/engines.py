@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
-from sida_edm2.train_config import ConfigError
+from sida_edm2.train.config import ConfigError
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Keys the run derives from --batch, --batch-gpu, the world size and --precision; a JSON may not set them.
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -118,7 +118,7 @@ def build_ds_config(base: dict, *, batch_gpu: int, rounds: int, world_size: int,
         raise ConfigError(f"--precision {precision} needs ZeRO stage >= 1; stage 0 supports fp32 only")
     zero = base.get("zero_optimization", {})
     if base.get("gradient_clipping", 0) and zero.get("compute_grad_norm", True) is False:
-        # ds_configs/zero2.json skips the norm (sida_edm2.flat_master tests the gradients instead).
+        # ds_configs/zero2.json skips the norm (sida_edm2.train.flat_master tests the gradients instead).
         raise ConfigError(
             "gradient_clipping needs zero_optimization.compute_grad_norm true in the DeepSpeed config"
         )
@@ -168,10 +168,10 @@ def prepare_teacher(
     Replicated on every rank by default; with `zero3_config` (a ZeRO-3 config without optimizer) it is
     partitioned by a ZeRO-3 inference engine and the engine's module is returned. Buffers (the Fourier
     features) stay float32: they only feed fp32 embedding maths. bake_weights: its conv weights are
-    replaced once by their effective weights (sida_edm2.speed.bake_effective_weights_; same outputs,
+    replaced once by their effective weights (sida_edm2.model.speed.bake_effective_weights_; same outputs,
     no per-forward renormalisation), before any partitioning.
     """
-    from sida_edm2.speed import bake_effective_weights_
+    from sida_edm2.model.speed import bake_effective_weights_
 
     dtype = COMPUTE_DTYPES[precision] if device.type == "cuda" else torch.float32
     teacher.requires_grad_(False).eval()
@@ -206,7 +206,7 @@ def enable_activation_checkpointing(net: torch.nn.Module) -> int:
     RNG state for dropout and works with ZeRO-3's parameter hooks (sub-modules are called normally in
     the recomputation). Returns the number of wrapped blocks.
     """
-    from sida_edm2.networks import Block
+    from sida_edm2.model.networks import Block
 
     count = 0
     for module in net.modules():

@@ -1,0 +1,1 @@
+"""The EDM2 networks: magnitude-preserving layers, weight normalisation, presets, speed switches."""

@@ -1,0 +1,1 @@
+"""Planning: per-GPU memory prediction, measured activations, FLOPs per iteration."""

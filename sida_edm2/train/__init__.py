@@ -1,0 +1,1 @@
+"""Training: the Trainer, losses, EMA, configuration, data, logging, run checkpoints, DeepSpeed plumbing."""
