@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.train_step import random_teacher  # noqa: E402
 from latent.shards import write_synthetic_dataset  # noqa: E402
-from sida_edm2.presets import get_preset  # noqa: E402
+from sida_edm2.model.presets import get_preset  # noqa: E402
 
 
 def synthetic_data(dest: Path, preset: str, shards: int, per_shard: int = 64) -> Path:

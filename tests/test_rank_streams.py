@@ -21,8 +21,8 @@ from tests.helpers_train import PRESET, make_dataset, make_teacher, run_distribu
 
 
 def scenario(out: str, teacher: str, data: str, run_dir: str) -> None:
-    from sida_edm2.train_config import resolve_config
-    from sida_edm2.training import Trainer
+    from sida_edm2.train.config import resolve_config
+    from sida_edm2.train.trainer import Trainer
 
     cfg = resolve_config(
         PRESET, run_dir=run_dir, teacher=teacher, data=data, method="sida", num_workers=0, zero_stage=2
