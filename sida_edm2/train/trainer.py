@@ -48,16 +48,18 @@ from sida_edm2.train.ema import NetworkEMA
 from sida_edm2.train.flat_master import FlatMasters
 from sida_edm2.train.log import RunLog, TickStats, save_sample_grid, tick_values
 from sida_edm2.train.losses import (
-    adversarial_generator_loss,
-    discriminator_loss,
     ema_beta,
     fake_score_loss,
     fake_score_sigma,
     finite_sum,
     generator_loss_weights,
-    generator_sigma,
-    sid_generator_loss,
     training_phase,
+)
+from sida_edm2.train.objectives import (
+    fake_score_objective,
+    freeze_fake_score,
+    generator_objective,
+    thaw_fake_score,
 )
 from sida_edm2.train.run_checkpoints import (
     capture_rng,
@@ -194,72 +196,46 @@ class Trainer:
         F.module.train()
         for r in range(self.rounds):
             noise = step.micro_batch(r, B)
-            labels = noise.labels
-            if self.use_real_data:
-                x_real, labels = self._next_real_batch()
-            with torch.no_grad():
-                x_g = G(cfg.sigma_init * noise.z, cfg.sigma_init, labels)
-            sigma = fake_score_sigma(noise.level)
-            s = sigma.reshape(-1, 1, 1, 1)
-            x_t = x_g + s * noise.eps
-            if self.use_real_data:
-                denoised, logits_fake, logvar = F(x_t, sigma, labels, return_logvar=True, output="both")
-                logits_real = F(x_real + s * noise.eps, sigma, labels, output="disc")
-            else:
-                denoised, logvar = F(x_t, sigma, labels, return_logvar=True)
-            dsm, dsm_dropped = finite_sum(fake_score_loss(denoised, x_g, sigma, logvar))
-            loss = dsm
-            self.stats.add("loss/fake_score", dsm, B - dsm_dropped)
-            self.stats.add("skipped/samples/count", dsm_dropped)
-            if self.use_real_data:
-                disc, disc_dropped = finite_sum(discriminator_loss(logits_real, logits_fake, sigma, logvar))
-                loss = loss + cfg.lambda_adv_psi * disc
-                self.stats.add("loss/discriminator", disc, B - disc_dropped)
-                self.stats.add("skipped/samples/count", disc_dropped)
-            F.backward(loss / step_batch, scale_wrt_gas=False)
+            x_real, labels = self._next_real_batch() if self.use_real_data else (None, noise.labels)
+            terms = fake_score_objective(
+                G, F, noise.z, noise.eps, noise.level, labels, x_real,
+                sigma_init=cfg.sigma_init, lambda_adv_psi=cfg.lambda_adv_psi,
+            )  # fmt: skip
+            self.stats.add("loss/fake_score", terms.dsm, B - terms.dsm_dropped)
+            self.stats.add("skipped/samples/count", terms.dsm_dropped)
+            if terms.disc is not None:
+                self.stats.add("loss/discriminator", terms.disc, B - terms.disc_dropped)
+                self.stats.add("skipped/samples/count", terms.disc_dropped)
+            F.backward(terms.loss / step_batch, scale_wrt_gas=False)
             self._step(F, "steps_f")
 
     def generator_update(self, phase: str) -> None:
         """R micro-batches of the generator loss of `phase` ("sid" or "sida"); one optimizer step + EMA."""
         cfg, B = self.cfg, self.cfg.batch_gpu
         step_batch = B * self.rounds
-        w_sid, w_adv = generator_loss_weights(phase, cfg.lambda_sid, cfg.lambda_adv_theta)
+        weights = generator_loss_weights(phase, cfg.lambda_sid, cfg.lambda_adv_theta)
         step = draw_step_noise(
             self.noise, step_batch, self.latent_shape, uniform_level=True, labels=self.labels
         )
         G, F = self.engine_g, self.engine_f.module
         G.module.train()
-        # The fake score serves as a frozen function here (DESIGN.md 6): no parameter gradients, called
-        # through .module so that its engine sees no forward/backward of its own.
-        F.eval().requires_grad_(False)
-        # Its weights stay fixed through this update: their effective weights are computed once (freed
-        # at the end, before its next optimizer step changes them).
-        speed.cache_effective_weights(F, cfg.weight_cache)
+        # Called through .module so that its engine sees no forward/backward of its own.
+        freeze_fake_score(F, cfg.weight_cache)
         try:
             for r in range(self.rounds):
                 noise = step.micro_batch(r, B)
-                x_g = G(cfg.sigma_init * noise.z, cfg.sigma_init, noise.labels)
-                sigma = generator_sigma(noise.level * cfg.tmax)
-                x_t = x_g + sigma.reshape(-1, 1, 1, 1) * noise.eps
-                d_teacher = self.teacher(x_t, sigma, noise.labels)
-                if w_adv:
-                    d_fake, logits, logvar = F(x_t, sigma, noise.labels, return_logvar=True, output="both")
-                else:
-                    d_fake, logvar = F(x_t, sigma, noise.labels, return_logvar=True)
-                sid = sid_generator_loss(d_teacher, d_fake, x_g, logvar, alpha=cfg.alpha)
-                per_sample = w_sid * sid
-                self._log_mean("loss/sid", sid)
-                if w_adv:
-                    adv = adversarial_generator_loss(logits, d_teacher, x_g, logvar)
-                    per_sample = per_sample + w_adv * adv
-                    self._log_mean("loss/adversarial", adv)
-                total, dropped = finite_sum(per_sample)
-                self.stats.add("skipped/samples/count", dropped)
-                G.backward(total / step_batch, scale_wrt_gas=False)
+                terms = generator_objective(
+                    G, F, self.teacher, noise.z, noise.eps, noise.level, noise.labels,
+                    sigma_init=cfg.sigma_init, tmax=cfg.tmax, alpha=cfg.alpha, weights=weights,
+                )  # fmt: skip
+                self._log_mean("loss/sid", terms.sid)
+                if terms.adversarial is not None:
+                    self._log_mean("loss/adversarial", terms.adversarial)
+                self.stats.add("skipped/samples/count", terms.dropped)
+                G.backward(terms.loss / step_batch, scale_wrt_gas=False)
                 self._step(G, "steps_g")
         finally:
-            speed.cache_effective_weights(F, False)
-            F.requires_grad_(True)
+            thaw_fake_score(F)
 
     def denoiser_update(self) -> None:
         """Method "edm2": R micro-batches of EDM2's loss (logvar-weighted DSM) on real latents."""
