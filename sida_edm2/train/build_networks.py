@@ -12,9 +12,7 @@ Precond of the preset, in the fake score's place.
 """
 
 import dataclasses
-import random
 
-import numpy as np
 import torch
 
 from sida_edm2.io.network_files import CheckpointError, load_network
@@ -23,13 +21,6 @@ from sida_edm2.model.presets import get_preset
 from sida_edm2.train.config import ConfigError, TrainConfig
 
 LOGVAR_PREFIX = "logvar_"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _shapes(state: dict) -> dict[str, tuple]:

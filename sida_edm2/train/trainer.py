@@ -39,16 +39,16 @@ from pathlib import Path
 import torch
 
 from sida_edm2.model import speed
+from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
-from sida_edm2.train.build_networks import build_networks, seed_everything
+from sida_edm2.train.build_networks import build_networks
 from sida_edm2.train.config import TrainConfig, check_inputs_exist
-from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data
+from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data, seed_everything
 from sida_edm2.train.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
-from sida_edm2.train.ema import NetworkEMA
+from sida_edm2.train.ema import NetworkEMA, ema_beta
 from sida_edm2.train.flat_master import FlatMasters
-from sida_edm2.train.log import RunLog, TickStats, save_sample_grid, tick_values
+from sida_edm2.train.log import RunLog, TickStats, tick_values
 from sida_edm2.train.losses import (
-    ema_beta,
     fake_score_loss,
     fake_score_sigma,
     finite_sum,
