@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 import click
-import torch
 
 from latent.vae import load_vae
 from sida_edm2.io.network_files import load_network
+from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample import metrics as fd
 from sida_edm2.sample.generate_images import resolve_network_path, write_images
 from sida_edm2.sample.image_sources import image_batches
@@ -36,9 +36,8 @@ from sida_edm2.sample.sample_files import (
     write_npz_from_pngs,
 )
 from sida_edm2.sample.seeds import parse_int_list
-from sida_edm2.sample.torchrun_env import barrier, init_distributed
+from sida_edm2.sample.torchrun_env import barrier, join_torchrun
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("png", "npz", "grid")
 STAGING_DIR = ".png-staging"  # the PNG tree when png is not a requested format (removed at the end)
 
@@ -115,14 +114,14 @@ def _metric_list(ctx, param, value):
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", *PRECISIONS]),
+    type=click.Choice(["auto", *PRECISION_DTYPES]),
     default="auto",
     show_default=True,
     help="Network compute precision; auto = bf16 on GPU, fp32 on CPU.",
 )
 @click.option(
     "--vae-precision",
-    type=click.Choice(list(PRECISIONS)),
+    type=click.Choice(list(PRECISION_DTYPES)),
     default="fp32",
     show_default=True,
     help="VAE decoder precision.",
@@ -170,11 +169,11 @@ def main(
         raise click.UsageError("--metrics needs --ref (reference statistics, e.g. EDM2's img512.pkl)")
     if teacher_steps is not None and sigmas:
         raise click.UsageError("--few-step-sigmas applies to generators, not to --teacher-steps")
-    rank, world_size, device = init_distributed(device)
+    rank, world_size, device = join_torchrun(device)
     dtype = (
-        PRECISIONS["bf16" if device.type == "cuda" else "fp32"]
+        PRECISION_DTYPES["bf16" if device.type == "cuda" else "fp32"]
         if precision == "auto"
-        else PRECISIONS[precision]
+        else PRECISION_DTYPES[precision]
     )
     ref, detectors = None, {}
     if metric_names:  # fail on missing weights or statistics before spending GPU time
@@ -193,7 +192,7 @@ def main(
             f"{world_size} process(es), {str(dtype).removeprefix('torch.')} on {device}"
         )
     net = load_network(network_path, device=device)
-    vae_model = load_vae(vae, device, PRECISIONS[vae_precision])
+    vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
     made = write_images(
         net,
         vae_model,

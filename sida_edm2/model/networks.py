@@ -33,6 +33,10 @@ SIGMA_INIT = 2.5
 OUTPUT_MODES = ("denoised", "disc", "both")
 
 
+# The dtypes a network computes in (its compute_dtype), by the precision names of the CLIs and configs.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 class Block(torch.nn.Module):
     """One residual block of the encoder ('enc') or decoder ('dec'), optionally with self-attention."""
 

@@ -40,7 +40,7 @@ from sida_edm2.train.objectives import (
 # NVIDIA H100 SXM dense (no sparsity) bf16 tensor-core peak, FLOP/s (the datasheet's 1979 TFLOPS is sparse).
 H100_SXM_BF16_DENSE_PEAK = 989.4e12
 
-METHODS = ("sid", "sida")  # sid2a computes exactly what sida does
+COUNTED_METHODS = ("sid", "sida")  # sid2a computes exactly what sida does
 
 
 
@@ -185,8 +185,8 @@ def count_forward_flops(network: str | dict, batch: int = 2) -> float:
 def count_iteration_flops(network: str | dict, batch: int = 2, method: str = "sida") -> IterationFlops:
     """Forward and backward FLOPs per generator image of one iteration (both updates, the SiDA phase
     for method "sida"; SiD's computation for "sid"), counted on the iteration replica."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in COUNTED_METHODS:
+        raise ValueError(f"method must be one of {COUNTED_METHODS}, got {method!r}")
     nets = build_iteration_networks(network, "meta", torch.bfloat16)
     counts = {}
     for name, run_pass in PASSES.items():
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="FLOPs of one SiDA iteration per generator image")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
                         help="preset(s) to count; default: the six img512 sizes")  # fmt: skip
-    parser.add_argument("--method", default="sida", choices=METHODS)
+    parser.add_argument("--method", default="sida", choices=COUNTED_METHODS)
     args = parser.parse_args(argv)
     presets = args.preset or [name for name in PRESETS if name.startswith("edm2-img512-")]
     print(f"{'preset':<18} {'fwd GF/img':>10} {'iter GF/img':>11} {'fwd-equiv':>9}  "

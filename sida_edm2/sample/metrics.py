@@ -32,7 +32,7 @@ from latent.vae import load_vae
 from sida_edm2.io.safe_unpickle import load_pickle
 from sida_edm2.sample import detectors as det
 from sida_edm2.sample.image_sources import image_batches
-from sida_edm2.sample.torchrun_env import init_distributed
+from sida_edm2.sample.torchrun_env import join_torchrun
 
 
 class FeatureStats:
@@ -186,7 +186,7 @@ def load_detectors(
 
 
 def _source_stats(source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device):
-    rank, world_size, device = init_distributed(device)
+    rank, world_size, device = join_torchrun(device)
     detectors = load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
     vae = None
     if Path(source).is_dir() and (Path(source) / MANIFEST).is_file():

@@ -14,14 +14,14 @@ import os
 from pathlib import Path
 
 from sida_edm2.model.presets import get_preset
-from sida_edm2.train.losses import METHODS
+from sida_edm2.train.losses import DISTILLATION_METHODS
 
 # The distillation methods, plus "edm2": training an EDM2 teacher from scratch with EDM2's loss (the
 # fake-score loss on real data), for the demo and the toy reproduction, where no official teacher exists.
-TRAIN_METHODS = (*METHODS, "edm2")
+TRAIN_METHODS = (*DISTILLATION_METHODS, "edm2")
 # EDM2's own Adam settings, the defaults of method "edm2" (the presets hold SiDA's).
 EDM2_ADAM = {"adam_betas": (0.9, 0.99), "adam_eps": 1e-8}
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
 
 # Preset keys that become TrainConfig fields of the same name when the command line leaves them unset
@@ -147,8 +147,8 @@ def validate(cfg: TrainConfig, external_data: bool = False) -> None:
     """Checks that need no files besides the run directory; file checks happen when they are opened."""
     if cfg.method not in TRAIN_METHODS:
         raise ConfigError(f"--method must be one of {TRAIN_METHODS}, got {cfg.method!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.precision not in PRECISION_CHOICES:
+        raise ConfigError(f"--precision must be one of {PRECISION_CHOICES}, got {cfg.precision!r}")
     if cfg.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"--zero-stage must be one of {ZERO_STAGES}, got {cfg.zero_stage}")
     if cfg.method == "sid2a" and not cfg.init_generator:

@@ -1,7 +1,7 @@
 """DeepSpeed plumbing of the distillation loop: process group, configs, the two engines, the teacher.
 
     ds = import_deepspeed()                      # CPU: DS_ACCELERATOR=cpu, no shared-memory comm JIT
-    dist_env = init_distributed()                # works under deepspeed/torchrun or as one plain process
+    dist_env = init_deepspeed_distributed()      # works under deepspeed/torchrun or as one plain process
     ds_cfg = build_ds_config(load_ds_config(2), batch_gpu=4, rounds=2, world_size=2, precision="bf16")
     engine_g = make_engine(G, ds_cfg, lr=5e-5, betas=(0.0, 0.999), eps=1e-6)
 
@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
+from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.train.config import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Keys the run derives from --batch, --batch-gpu, the world size and --precision; a JSON may not set them.
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def import_deepspeed():
@@ -59,7 +59,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
+def init_deepspeed_distributed() -> DistEnv:
     """Initialise (once) the process group DeepSpeed uses; works with or without a launcher.
 
     A plain `python train_edm2.py ...` gets single-process defaults for the variables a launcher sets;
@@ -109,8 +109,8 @@ def build_ds_config(base: dict, *, batch_gpu: int, rounds: int, world_size: int,
         raise ConfigError(
             f"DeepSpeed config sets {derived}: these are derived from --batch/--batch-gpu, remove them"
         )
-    if precision not in COMPUTE_DTYPES:
-        raise ValueError(f"precision must be one of {list(COMPUTE_DTYPES)}, got {precision!r}")
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
     if precision != "fp32" and base.get("zero_optimization", {}).get("stage", 0) == 0:
         # Stage 0 in bf16/fp16 wraps the optimizer in FP16_Optimizer, whose fp32 master weights the
         # safe_get/set_full_fp32_param API (and so the forced normalisation) cannot reach; stage 1 costs
@@ -173,7 +173,7 @@ def prepare_teacher(
     """
     from sida_edm2.model.speed import bake_effective_weights_
 
-    dtype = COMPUTE_DTYPES[precision] if device.type == "cuda" else torch.float32
+    dtype = PRECISION_DTYPES[precision] if device.type == "cuda" else torch.float32
     teacher.requires_grad_(False).eval()
     teacher.compute_dtype = dtype
     if zero3_config is not None:

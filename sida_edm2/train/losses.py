@@ -25,7 +25,7 @@ import torch.nn.functional as F
 SIGMA_DATA = 0.5
 W_MIN = 1e-5  # lower clamp of the SiD normaliser w, as in the reference
 ADV_LOGIT_CLAMP = 10.0  # the generator's adversarial BCE sees logits clamped to [-10, 10]
-METHODS = ("sid", "sida", "sid2a")
+DISTILLATION_METHODS = ("sid", "sida", "sid2a")
 PHASES = ("fake_only", "sid", "sida")
 
 
@@ -202,8 +202,8 @@ def training_phase(nimg: int, fake_only_kimg: float, sid_only_kimg: float, metho
     200_000 is still "sid" and "sida" starts above it. Method "sid" (data-free) never enters "sida";
     "sida" and "sid2a" share the rule. Set fake_only_kimg=0 for no fake-score-only warm-up.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method not in DISTILLATION_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {DISTILLATION_METHODS}")
     if nimg < fake_only_kimg * 1000:
         return "fake_only"
     if method == "sid" or nimg <= sid_only_kimg * 1000:

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from sida_edm2.model import speed
+from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
 from sida_edm2.train.build_networks import build_networks
@@ -87,7 +88,7 @@ class Trainer:
         nets = build_networks(cfg)
         G, F, self.manifest = nets.generator, nets.denoiser, nets.manifest
 
-        self.env = engines.init_distributed()
+        self.env = engines.init_deepspeed_distributed()
         self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
         self.precision = cfg.resolved_precision(self.device.type == "cuda")
         self.use_real_data = cfg.method != "sid"
@@ -99,7 +100,7 @@ class Trainer:
         seed_everything(derived_seed(cfg.seed, self.rank))
         self.noise = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.rank, 1 << 20))
         compute_dtype = (
-            engines.COMPUTE_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
+            PRECISION_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
         )
         trained = [net for net in (G, F) if net is not None]
         # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
