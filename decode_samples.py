@@ -58,10 +58,6 @@ def _formats(ctx, param, value):
     return list(dict.fromkeys(names))
 
 
-def _metric_list(ctx, param, value):
-    return fd.parse_metric_list(value) if value else []
-
-
 @click.command()
 @click.option(
     "--generator", required=True, help="Export .safetensors, training run dir, SiD/SiDA or EDM2 .pkl."
@@ -126,24 +122,12 @@ def _metric_list(ctx, param, value):
     show_default=True,
     help="VAE decoder precision.",
 )
-@click.option("--device", default=None, help="Single-process device [default: cuda if available, else cpu].")
-@click.option("--metrics", "metric_names", default="", callback=_metric_list, help="fid, fd_dinov2 or both.")
-@click.option(
-    "--ref",
-    "ref_path",
-    default=None,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Reference statistics .pkl in EDM2's layout (e.g. img512.pkl).",
-)
-@click.option("--inception", default=None, help="Inception TorchScript path or URL [default: cache dir].")
-@click.option("--dinov2", default=None, help="Local facebook/dinov2-large directory [default: cache dir].")
-@click.option(
-    "--workers",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="PNG reader processes for the metrics.",
-)
+@fd.device_option
+@fd.metrics_option("")
+@fd.ref_option(required=False)
+@fd.inception_option
+@fd.dinov2_option
+@fd.workers_option
 def main(
     generator,
     teacher_steps,
@@ -158,14 +142,14 @@ def main(
     precision,
     vae_precision,
     device,
-    metric_names,
+    metrics,
     ref_path,
     inception,
     dinov2,
     workers,
 ):
     """Generate, decode and write images for a seed list; optionally compute FID / FD_DINOv2."""
-    if metric_names and ref_path is None:
+    if metrics and ref_path is None:
         raise click.UsageError("--metrics needs --ref (reference statistics, e.g. EDM2's img512.pkl)")
     if teacher_steps is not None and sigmas:
         raise click.UsageError("--few-step-sigmas applies to generators, not to --teacher-steps")
@@ -176,12 +160,12 @@ def main(
         else PRECISION_DTYPES[precision]
     )
     ref, detectors = None, {}
-    if metric_names:  # fail on missing weights or statistics before spending GPU time
+    if metrics:  # fail on missing weights or statistics before spending GPU time
         ref = fd.load_reference_stats(ref_path)
-        missing = [m for m in metric_names if m not in ref]
+        missing = [m for m in metrics if m not in ref]
         if missing:
             raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
-        detectors = fd.load_detectors(metric_names, inception=inception, dinov2=dinov2, device=device)
+        detectors = fd.load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
 
     outdir = Path(outdir)
     tree = outdir if "png" in formats else outdir / STAGING_DIR
@@ -212,7 +196,7 @@ def main(
     del net, vae_model
     barrier()
 
-    if metric_names:  # every rank reads its share of the PNGs; the statistics are summed over ranks
+    if metrics:  # every rank reads its share of the PNGs; the statistics are summed over ranks
         paths = [png_path(tree, s) for s in seeds]
         batches = image_batches(paths, 64, rank=rank, world_size=world_size, num_workers=workers)
         total = len(paths) // world_size
