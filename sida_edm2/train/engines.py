@@ -4,6 +4,7 @@
     dist_env = init_deepspeed_distributed()      # works under deepspeed/torchrun or as one plain process
     ds_cfg = build_ds_config(load_ds_config(2), batch_gpu=4, rounds=2, world_size=2, precision="bf16")
     engine_g = make_engine(G, ds_cfg, lr=5e-5, betas=(0.0, 0.999), eps=1e-6)
+    engine_g, engine_f, masters = build_engines(G, F, ds_cfg, adam, force_norm=True, check_grads=False)
 
 G and the fake score each get their own `deepspeed.initialize` with a client `torch.optim.Adam` (plain
 Adam, not AdamW; nothing is JIT-compiled). Micro-batch, accumulation and world size are always set here
@@ -154,6 +155,35 @@ def make_engine(
     optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(ds_config))
     return engine
+
+
+def build_engines(
+    G: torch.nn.Module | None,  # the generator (None for method "edm2")
+    F: torch.nn.Module,  # the fake score (method "edm2": the denoiser it trains)
+    ds_config: dict,  # build_ds_config's result
+    adam: dict,  # lr, betas, eps of both client Adams
+    *,
+    force_norm: bool,  # forced weight normalisation of the masters after every step
+    check_grads: bool,  # the loop skips non-finite steps itself (stage 0 in fp32)
+) -> tuple:
+    """(engine of G or None, engine of F, masters by engine): each engine with its master-weight handler,
+    flat_master.FlatMasters under ZeRO-1/2, ds_master.GatheredMasters otherwise. The EMA follows G, or
+    F when there is no G."""
+    from sida_edm2.train.ds_master import GatheredMasters
+    from sida_edm2.train.flat_master import FlatMasters
+
+    engine_g = make_engine(G, ds_config, **adam) if G is not None else None
+    engine_f = make_engine(F, ds_config, **adam)
+    flat_stage = ds_config.get("zero_optimization", {}).get("stage", 0) in (1, 2)
+    ema_engine = engine_f if engine_g is None else engine_g
+    masters = {}
+    for engine in (e for e in (engine_g, engine_f) if e is not None):
+        keeps_ema = engine is ema_engine
+        flat = FlatMasters.attach(engine, normalize=force_norm, ema=keeps_ema)
+        if (flat is not None) != flat_stage:
+            raise RuntimeError("unexpected DeepSpeed optimizer layout for the ZeRO stage of the config")
+        masters[engine] = flat or GatheredMasters(engine, force_norm, keeps_ema, check_grads)
+    return engine_g, engine_f, masters
 
 
 def prepare_teacher(

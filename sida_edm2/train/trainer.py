@@ -45,9 +45,7 @@ from sida_edm2.train import engines
 from sida_edm2.train.build_networks import build_networks
 from sida_edm2.train.config import TrainConfig, check_inputs_exist
 from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data, seed_everything
-from sida_edm2.train.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
 from sida_edm2.train.ema import NetworkEMA, ema_beta
-from sida_edm2.train.flat_master import FlatMasters
 from sida_edm2.train.log import RunLog, TickStats, tick_values
 from sida_edm2.train.losses import (
     fake_score_loss,
@@ -131,20 +129,12 @@ class Trainer:
             world_size=self.world_size,
             precision=self.precision,
         )
-        adam = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-        self.engine_g = engines.make_engine(G, ds_config, **adam) if G is not None else None
-        self.engine_f = engines.make_engine(F, ds_config, **adam)
-        self.ema_engine = self.engine_f if G is None else self.engine_g
-        # ZeRO-1/2: normalisation and EMA inside the optimizer step, on flat partitions (None otherwise).
-        self.flat = {
-            engine: FlatMasters.attach(engine, normalize=cfg.force_norm, ema=engine is self.ema_engine)
-            for engine in (self.engine_g, self.engine_f)
-            if engine is not None
-        }
-        if (self.flat[self.ema_engine] is None) != (cfg.zero_stage not in (1, 2)):
-            raise RuntimeError(f"ZeRO stage {cfg.zero_stage}: unexpected DeepSpeed optimizer layout")
         # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
-        self.check_grads_here = cfg.zero_stage == 0 and self.precision == "fp32"
+        self.engine_g, self.engine_f, self.masters = engines.build_engines(
+            G, F, ds_config, dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps),
+            force_norm=cfg.force_norm, check_grads=cfg.zero_stage == 0 and self.precision == "fp32",
+        )  # fmt: skip
+        self.ema_engine = self.engine_f if G is None else self.engine_g
         zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
         self.teacher = None
         if nets.teacher is not None:
@@ -263,30 +253,13 @@ class Trainer:
         self.stats.add(name, total, per_sample.shape[0] - dropped)
 
     def _step(self, engine, counter: str) -> None:
-        """engine.step() after every micro-batch; at the accumulation boundary also the skip accounting,
-        the forced weight normalisation and (for G) the EMA."""
-        boundary = engine.is_gradient_accumulation_boundary()
-        dropped = boundary and self.check_grads_here and drop_nonfinite_grads_(engine)
-        flat = self.flat[engine]
-        skipped_before = engine.skipped_steps + (flat.skipped_steps if flat else 0)
+        """engine.step() after every micro-batch (with the forced weight normalisation and, for the EMA's
+        network, the EMA: sida_edm2.train.ds_master / flat_master); at the boundary the skip accounting."""
         beta = ema_beta(self.nimg, self.cfg.batch, self.cfg.ema_mimg)
-        if flat is not None:
-            flat.ema_beta = beta
-        engine.step()
-        if not boundary:
-            return
-        skipped = dropped or engine.skipped_steps + (flat.skipped_steps if flat else 0) != skipped_before
-        self.skipped[counter] += int(skipped)
-        self.stats.add("skipped/steps/count", int(skipped))
-        if flat is not None:  # normalised (and the EMA moved) inside the step
-            return
-        normalize = self.cfg.force_norm and not skipped
-        if engine is self.ema_engine:
-            for name, value in visit_master_weights(engine, normalize=normalize):
-                if self.ema is not None:
-                    self.ema.update(name, value, beta)
-        elif normalize:
-            normalize_master_weights_(engine)
+        skipped = self.masters[engine].step(beta, self.ema)
+        if skipped is not None:
+            self.skipped[counter] += int(skipped)
+            self.stats.add("skipped/steps/count", int(skipped))
 
     def _next_real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         latents, onehot = next(self.data)
@@ -304,9 +277,7 @@ class Trainer:
     def ema_network(self, device: torch.device | None = None) -> torch.nn.Module | None:
         """The EMA network, up to date (rank 0; None elsewhere), where it is kept (host memory under
         ZeRO-1/2) or as a copy on `device`. Collective: every rank must call it."""
-        flat = self.flat[self.ema_engine]
-        if flat is not None:
-            flat.gather_ema(self.ema)
+        self.masters[self.ema_engine].gather_ema(self.ema)
         if self.ema is None:
             return None
         module = self.ema.module
@@ -324,20 +295,14 @@ class Trainer:
     def _resume_or_start(self) -> None:
         latest = find_latest(self.cfg.run_dir)
         if latest is None:
-            if self.cfg.force_norm and self.engine_g is not None:
-                normalize_master_weights_(self.engine_f)
-            for name, value in visit_master_weights(self.ema_engine, normalize=self.cfg.force_norm):
-                if self.ema is not None:
-                    self.ema.update(name, value, beta=0.0)
-            if self.flat[self.ema_engine] is not None:
-                self.flat[self.ema_engine].reset_ema()
+            for masters in self.masters.values():
+                masters.start(self.ema)
             self.log.message(f"starting {self.cfg.method} in {self.cfg.run_dir}")
             return
         state = read_state(latest)
         changed = check_resume_config(state["config"], self._run_config())
         rng = load_checkpoint(latest, self._engines(), self.ema, self.rank)
-        if self.flat[self.ema_engine] is not None:
-            self.flat[self.ema_engine].scatter_ema(self.ema)
+        self.masters[self.ema_engine].scatter_ema(self.ema)
         self.nimg, self.iteration, self.segment = state["nimg"], state["iteration"], state["segment"]
         self.skipped = state["skipped"]
         restore_rng(rng, self.noise)
