@@ -35,7 +35,7 @@ def test_generator_sigma_ends_and_midpoint():
     hi, lo = 80 ** (1 / 7), 0.002 ** (1 / 7)
     mid = (hi + 0.5 * (lo - hi)) ** 7
     np.testing.assert_allclose(s.numpy(), [0.002, 24.41, 80.0, mid], rtol=3e-4)
-    # the upper end of the generator-update range (tmax 0.8) to more digits than DESIGN's 24.41
+    # the upper end of the generator-update range (tmax 0.8) to more digits than the documented 24.41
     expected_tmax = (hi + 0.2 * (lo - hi)) ** 7
     assert abs(expected_tmax - 24.41) < 0.01
     assert s[1].item() == pytest.approx(expected_tmax, rel=1e-5)

@@ -59,8 +59,8 @@ def test_normalize_rows_sets_rms_one_in_place(dtype):
 
 
 def test_in_place_normalisation_between_two_forwards_raises():
-    """The defect of the release's per-forward hook (DESIGN 3.2): normalising the stored weights between
-    two forwards that share one backward invalidates tensors saved by the first forward."""
+    """The defect of the release's per-forward hook (docs/ARCHITECTURE.md, "Known traps"): normalising the
+    stored weights between two forwards that share one backward invalidates tensors saved by the first."""
     net = make_net()
     x, sigma, labels = batch(net, 0)
     first = net(x, sigma, labels, output="both")[0]

@@ -1,4 +1,5 @@
-"""EDM2's magnitude-preserving UNet and its preconditioner, with the SiDA additions (DESIGN.md section 3).
+"""EDM2's magnitude-preserving UNet and its preconditioner, with the SiDA additions (docs/ARCHITECTURE.md,
+"The networks").
 
 State-dict names and shapes equal the official EDM2 ones, so official snapshots load 1:1:
 

@@ -1,4 +1,4 @@
-"""The networks of a run, built from the teacher (DESIGN.md 3, Algorithms 1 and 3).
+"""The networks of a run, built from the teacher (Algorithms 1 and 3; docs/ARCHITECTURE.md).
 
     nets = build_networks(cfg)                  # everything below, per method
     teacher, manifest = load_teacher(cfg)       # frozen EDM2 Precond, checked against the preset and data

@@ -9,7 +9,8 @@
 G and the fake score each get their own `deepspeed.initialize` with a client `torch.optim.Adam` (plain
 Adam, not AdamW; nothing is JIT-compiled). Micro-batch, accumulation and world size are always set here
 from the run's configuration; the JSON files in ds_configs/ hold only the rest (ZeRO settings, the fp16
-loss-scaler settings). See DESIGN.md section 6 for the facts these choices rest on.
+loss-scaler settings). docs/ARCHITECTURE.md ("DeepSpeed and the ZeRO layouts", "Known traps") gives the
+facts they rest on.
 """
 
 import copy

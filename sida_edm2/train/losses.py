@@ -1,9 +1,9 @@
 """SiD / SiDA losses, noise levels and the phase rule as pure functions of tensors.
 
-Everything here follows DESIGN.md section 5 (the reference implementation's reductions) and the paper's
-Algorithms 1-2 (Appendix B.1). No function calls a network or draws random numbers: the training loop
-does both and passes the tensors in. Loss functions return one float32 value per sample, shape [B],
-computed in float32 whatever the input dtype (bf16/fp16 network outputs are upcast first).
+Everything here follows docs/ARCHITECTURE.md ("The losses": the reference implementation's reductions)
+and the paper's Algorithms 1-2 (Appendix B.1). No function calls a network or draws random numbers: the
+objectives (sida_edm2.train.objectives) do both and pass the tensors in. Loss functions return one float32
+value per sample, shape [B], computed in float32 whatever the input dtype (bf16/fp16 outputs are upcast).
 
 Notation: x_g = generator output, D_phi = teacher denoised, D_psi = fake-score denoised, u = the fake
 score's logvar (shape [B], [B,1,1,1] or a single value), lambda(s) = edm_weight(s). Per-sample sums run

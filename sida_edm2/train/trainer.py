@@ -11,7 +11,7 @@
     for _ in range(10):
         trainer.run_iteration()
 
-One iteration (paper Algorithms 1-3, DESIGN.md sections 5-6), B = batch_gpu, R accumulation rounds:
+One iteration (Algorithms 1-3; docs/ARCHITECTURE.md, "One iteration"), B = batch_gpu, R accumulation rounds:
  1. Fake-score update, R rounds: x_g = G(sigma_init z) without grad (eval mode); x_t = x_g + s eps with
     ln s ~ N(-0.4, 1); the fake score (train mode) gives D_psi, the fake logits and logvar u; SiDA also
     runs it on the real batch noised with the same s, eps and labels (encoder only). Loss = (sum DSM +
