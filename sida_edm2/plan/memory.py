@@ -135,6 +135,8 @@ def predict_peak_bytes(
     weight_recompute: bool | None = None,  # None: the preset's setting (as the training uses it).
 ) -> MemoryPlan:
     """The predicted peak of torch.cuda.max_memory_allocated on the busiest GPU (rank 0) of a run."""
+    # One function on purpose: the memory model reads top to bottom as its list of terms, which share
+    # the sharding rule and the sizes defined first.
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
     if precision not in PRECISION_BYTES:

@@ -230,6 +230,20 @@ def teacher_zero3_config(ds_config: dict) -> dict:
     return cfg
 
 
+def configure_network(net: torch.nn.Module, cfg) -> int:
+    """The run's activation checkpointing (cfg.activation_checkpointing) and speed switches
+    (sida_edm2.model.speed) on one network, the switches after the checkpointing wrappers. Returns the
+    number of blocks recomputed in backward."""
+    from sida_edm2.model import speed
+
+    blocks = enable_activation_checkpointing(net) if cfg.activation_checkpointing else 0
+    speed.configure_network(
+        net, weight_recompute=cfg.weight_recompute, checkpointed_blocks=cfg.activation_checkpointing,
+        channels_last=cfg.channels_last, compile=cfg.compile,
+    )  # fmt: skip
+    return blocks
+
+
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:
     """Recompute every UNet block (encoder and decoder) during backward instead of storing its activations.
 

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from sida_edm2.model import speed
 from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
@@ -84,7 +83,7 @@ class Trainer:
         self.cfg = cfg
         self.rounds = cfg.accumulation_rounds(engines.world_size_from_env())
         nets = build_networks(cfg)
-        G, F, self.manifest = nets.generator, nets.denoiser, nets.manifest
+        self.manifest = nets.manifest
 
         self.env = engines.init_deepspeed_distributed()
         self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
@@ -97,54 +96,8 @@ class Trainer:
         self.log = RunLog(cfg.run_dir, self.rank)
         seed_everything(derived_seed(cfg.seed, self.rank))
         self.noise = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.rank, 1 << 20))
-        compute_dtype = (
-            PRECISION_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
-        )
-        trained = [net for net in (G, F) if net is not None]
-        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
-        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.train.flat_master): this
-        # copy is only where it is gathered for checkpoints and exports, so it stays in host memory.
-        ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
-        self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
-        speed_options = dict(
-            weight_recompute=cfg.weight_recompute,
-            checkpointed_blocks=cfg.activation_checkpointing,
-            channels_last=cfg.channels_last,
-            compile=cfg.compile,
-        )
-        for net in trained:
-            net.compute_dtype = compute_dtype
-            if cfg.activation_checkpointing:
-                blocks = engines.enable_activation_checkpointing(net)
-                self.log.message(f"activation checkpointing: {blocks} blocks recomputed in backward")
-            speed.configure_network(net, **speed_options)  # after the checkpointing wrappers
-        self.latent_shape = [F.img_channels, F.img_resolution, F.img_resolution]
-        self.labels = LabelSampler(
-            F.label_dim, self.manifest["class_counts"] if self.manifest else None, self.device
-        )
-        ds_config = engines.build_ds_config(
-            engines.load_ds_config(cfg.zero_stage, cfg.ds_config),
-            batch_gpu=cfg.batch_gpu,
-            rounds=self.rounds,
-            world_size=self.world_size,
-            precision=self.precision,
-        )
-        # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
-        self.engine_g, self.engine_f, self.masters = engines.build_engines(
-            G, F, ds_config, dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps),
-            force_norm=cfg.force_norm, check_grads=cfg.zero_stage == 0 and self.precision == "fp32",
-        )  # fmt: skip
-        self.ema_engine = self.engine_f if G is None else self.engine_g
-        zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
-        self.teacher = None
-        if nets.teacher is not None:
-            self.teacher = engines.prepare_teacher(
-                nets.teacher, self.device, self.precision, zero3_teacher, bake_weights=cfg.weight_cache
-            )
-            # Its activations serve only G's input gradient: recomputed like the trained networks'.
-            if cfg.activation_checkpointing:
-                engines.enable_activation_checkpointing(self.teacher)
-            speed.configure_network(self.teacher, **speed_options)
+        self._build_engines(nets)
+        self.ema_engine = self.engine_f if self.engine_g is None else self.engine_g
 
         self.nimg = self.iteration = self.segment = 0
         self.skipped = {"steps_g": 0, "steps_f": 0}  # optimizer steps skipped for non-finite gradients
@@ -152,6 +105,44 @@ class Trainer:
         self._resume_or_start()
         self.data = data_iter if data_iter is not None else self._open_segment_data()
         self._external_data = data_iter is not None
+
+    def _build_engines(self, nets) -> None:
+        """The EMA, both engines with their master-weight handlers, and the teacher, each network with
+        the run's compute dtype, activation checkpointing and speed switches."""
+        cfg, G, F = self.cfg, nets.generator, nets.denoiser
+        trained = [net for net in (G, F) if net is not None]
+        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
+        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.train.flat_master): this
+        # copy is only where it is gathered for checkpoints and exports, so it stays in host memory.
+        ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
+        self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
+        compute_dtype = PRECISION_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
+        for net in trained:
+            net.compute_dtype = compute_dtype
+            blocks = engines.configure_network(net, cfg)
+            if blocks:
+                self.log.message(f"activation checkpointing: {blocks} blocks recomputed in backward")
+        self.latent_shape = [F.img_channels, F.img_resolution, F.img_resolution]
+        self.labels = LabelSampler(
+            F.label_dim, self.manifest["class_counts"] if self.manifest else None, self.device
+        )
+        ds_config = engines.build_ds_config(
+            engines.load_ds_config(cfg.zero_stage, cfg.ds_config),
+            batch_gpu=cfg.batch_gpu, rounds=self.rounds, world_size=self.world_size, precision=self.precision,
+        )  # fmt: skip
+        # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
+        self.engine_g, self.engine_f, self.masters = engines.build_engines(
+            G, F, ds_config, dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps),
+            force_norm=cfg.force_norm, check_grads=cfg.zero_stage == 0 and self.precision == "fp32",
+        )  # fmt: skip
+        self.teacher = None
+        if nets.teacher is not None:
+            zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
+            self.teacher = engines.prepare_teacher(
+                nets.teacher, self.device, self.precision, zero3_teacher, bake_weights=cfg.weight_cache
+            )
+            # Its activations serve only G's input gradient: recomputed like the trained networks'.
+            engines.configure_network(self.teacher, cfg)
 
     # ------------------------------------------------------------------------------------------------
     # One iteration.
