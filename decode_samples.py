@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 import click
-import torch
 
 from latent.vae import load_vae
 from sida_edm2.io.network_files import load_network
+from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample import metrics as fd
 from sida_edm2.sample.generate_images import resolve_network_path, write_images
 from sida_edm2.sample.image_sources import image_batches
@@ -36,9 +36,8 @@ from sida_edm2.sample.sample_files import (
     write_npz_from_pngs,
 )
 from sida_edm2.sample.seeds import parse_int_list
-from sida_edm2.sample.torchrun_env import barrier, init_distributed
+from sida_edm2.sample.torchrun_env import barrier, join_torchrun
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("png", "npz", "grid")
 STAGING_DIR = ".png-staging"  # the PNG tree when png is not a requested format (removed at the end)
 
@@ -57,10 +56,6 @@ def _formats(ctx, param, value):
     if unknown or not names:
         raise click.BadParameter(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))
-
-
-def _metric_list(ctx, param, value):
-    return fd.parse_metric_list(value) if value else []
 
 
 @click.command()
@@ -115,36 +110,24 @@ def _metric_list(ctx, param, value):
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", *PRECISIONS]),
+    type=click.Choice(["auto", *PRECISION_DTYPES]),
     default="auto",
     show_default=True,
     help="Network compute precision; auto = bf16 on GPU, fp32 on CPU.",
 )
 @click.option(
     "--vae-precision",
-    type=click.Choice(list(PRECISIONS)),
+    type=click.Choice(list(PRECISION_DTYPES)),
     default="fp32",
     show_default=True,
     help="VAE decoder precision.",
 )
-@click.option("--device", default=None, help="Single-process device [default: cuda if available, else cpu].")
-@click.option("--metrics", "metric_names", default="", callback=_metric_list, help="fid, fd_dinov2 or both.")
-@click.option(
-    "--ref",
-    "ref_path",
-    default=None,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Reference statistics .pkl in EDM2's layout (e.g. img512.pkl).",
-)
-@click.option("--inception", default=None, help="Inception TorchScript path or URL [default: cache dir].")
-@click.option("--dinov2", default=None, help="Local facebook/dinov2-large directory [default: cache dir].")
-@click.option(
-    "--workers",
-    default=4,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="PNG reader processes for the metrics.",
-)
+@fd.device_option
+@fd.metrics_option("")
+@fd.ref_option(required=False)
+@fd.inception_option
+@fd.dinov2_option
+@fd.workers_option
 def main(
     generator,
     teacher_steps,
@@ -159,30 +142,30 @@ def main(
     precision,
     vae_precision,
     device,
-    metric_names,
+    metrics,
     ref_path,
     inception,
     dinov2,
     workers,
 ):
     """Generate, decode and write images for a seed list; optionally compute FID / FD_DINOv2."""
-    if metric_names and ref_path is None:
+    if metrics and ref_path is None:
         raise click.UsageError("--metrics needs --ref (reference statistics, e.g. EDM2's img512.pkl)")
     if teacher_steps is not None and sigmas:
         raise click.UsageError("--few-step-sigmas applies to generators, not to --teacher-steps")
-    rank, world_size, device = init_distributed(device)
+    rank, world_size, device = join_torchrun(device)
     dtype = (
-        PRECISIONS["bf16" if device.type == "cuda" else "fp32"]
+        PRECISION_DTYPES["bf16" if device.type == "cuda" else "fp32"]
         if precision == "auto"
-        else PRECISIONS[precision]
+        else PRECISION_DTYPES[precision]
     )
     ref, detectors = None, {}
-    if metric_names:  # fail on missing weights or statistics before spending GPU time
+    if metrics:  # fail on missing weights or statistics before spending GPU time
         ref = fd.load_reference_stats(ref_path)
-        missing = [m for m in metric_names if m not in ref]
+        missing = [m for m in metrics if m not in ref]
         if missing:
             raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
-        detectors = fd.load_detectors(metric_names, inception=inception, dinov2=dinov2, device=device)
+        detectors = fd.load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
 
     outdir = Path(outdir)
     tree = outdir if "png" in formats else outdir / STAGING_DIR
@@ -193,7 +176,7 @@ def main(
             f"{world_size} process(es), {str(dtype).removeprefix('torch.')} on {device}"
         )
     net = load_network(network_path, device=device)
-    vae_model = load_vae(vae, device, PRECISIONS[vae_precision])
+    vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
     made = write_images(
         net,
         vae_model,
@@ -213,7 +196,7 @@ def main(
     del net, vae_model
     barrier()
 
-    if metric_names:  # every rank reads its share of the PNGs; the statistics are summed over ranks
+    if metrics:  # every rank reads its share of the PNGs; the statistics are summed over ranks
         paths = [png_path(tree, s) for s in seeds]
         batches = image_batches(paths, 64, rank=rank, world_size=world_size, num_workers=workers)
         total = len(paths) // world_size

@@ -18,12 +18,10 @@ import numpy as np
 import torch
 
 from latent.vae import SD_VAE_FT_MSE_CONFIG, build_vae, decode_to_uint8
-from sida_edm2.model.networks import Precond
+from sida_edm2.model.networks import PRECISION_DTYPES, Precond
 from sida_edm2.model.presets import get_preset
 from sida_edm2.sample.sample_files import PngWriter
 from sida_edm2.sample.sampling import generate_latents
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _timed(fn, iters: int, device: torch.device) -> float:
@@ -85,7 +83,7 @@ def main() -> None:
     print("| precision | generate img/s | VAE decode img/s | generate + decode + to host img/s | peak GiB |")
     print("|---|---|---|---|---|")
     for name in args.precisions.split(","):
-        r = bench_precision(args.preset, args.batch, args.iters, PRECISIONS[name], device)
+        r = bench_precision(args.preset, args.batch, args.iters, PRECISION_DTYPES[name], device)
         torch.cuda.empty_cache()  # the networks of this row are gone; start the next from a clean pool
         print(f"| {name} | {r['gen']:.0f} | {r['dec']:.1f} | {r['all']:.1f} | {r['peak_gib']:.1f} |")
     png = bench_png_writer(args.batch, max(2, args.iters // 2), args.png_threads)

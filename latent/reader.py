@@ -1,4 +1,4 @@
-"""Training-time reader of latent shards: batches of (latents scaled per DESIGN.md 4, one-hot labels).
+"""Training-time reader of latent shards: batches of (latents with EDM2's scaling, one-hot labels).
 
     from latent.reader import make_latent_loader
     loader = make_latent_loader("data/img512-latents", batch_size=64, rank=rank, world_size=world,

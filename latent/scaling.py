@@ -1,4 +1,4 @@
-"""EDM2's per-channel latent normalisation for SD-VAE latents (DESIGN.md section 4).
+"""EDM2's per-channel latent normalisation for SD-VAE latents (docs/ARCHITECTURE.md, "Known traps").
 
 A raw VAE latent x (a draw from the posterior, N(mean, std^2)) is mapped to the space the EDM2 networks
 see by `x * scale + bias` per channel, where scale = FINAL_STD / RAW_STD and bias = -RAW_MEAN * scale;

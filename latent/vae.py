@@ -4,7 +4,7 @@
     mean, std = encode_moments(vae, pixels_uint8)      # [B,3,H,W] uint8 -> 2 x float32 [B,4,H/8,W/8]
     images = decode_to_uint8(vae, latents_scaled)      # EDM2-space latents -> uint8 [B,3,H,W]
 
-bfloat16 is for GPUs (on CPU it is ~200x slower than float32, DESIGN.md 6); whatever the VAE's dtype,
+bfloat16 is for GPUs (on CPU it is ~200x slower than float32); whatever the VAE's dtype,
 the moments are computed from its raw output in float32. On CUDA the VAE runs channels_last.
 """
 

@@ -1,4 +1,4 @@
-"""The ADM / EDM2 "center-crop-dhariwal" rule (DESIGN.md section 4), exactly.
+"""The ADM / EDM2 "center-crop-dhariwal" rule (docs/ARCHITECTURE.md, "Data flow"), exactly.
 
 1. While the short side is at least twice the target, halve both sides (floor) with a BOX filter.
 2. Resize so the short side equals the target, with BICUBIC; the long side is round(long * scale) using

@@ -35,6 +35,13 @@ class StandInBackbone(torch.nn.Module):
         return torch.tanh(self.patch(x)).mean(dim=(2, 3))
 
 
+def ref_command_args(source, dest, inception: str, *extra: str) -> list[str]:
+    """`python -m sida_edm2.metrics ref` arguments: FID statistics of `source` with the stand-in Inception,
+    in-process image reading."""
+    return ["ref", "--source", str(source), "--dest", str(dest), "--metrics", "fid", "--inception", inception,
+            "--workers", "0", *extra]  # fmt: skip
+
+
 def save_standin_inception(path) -> str:
     """TorchScript-compile StandInInception and save it where a real inception-2015-12-05.pt would go."""
     torch.jit.save(torch.jit.script(StandInInception().eval()), str(path))

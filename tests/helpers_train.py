@@ -1,5 +1,5 @@
 """Shared pieces of the training tests: a tiny teacher export, a synthetic latent dataset, launching
-distributed runs as subprocesses (DESIGN.md 6: a process group cannot be re-initialised in-process).
+distributed runs as subprocesses (a process group cannot be re-initialised in-process).
 
 Also a script: `python -m torch.distributed.run --nproc_per_node 2 tests/helpers_train.py SCENARIO OUT
 --key value ...` runs one of the SCENARIOS below inside a real multi-process Trainer and writes what the

@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers_metrics import save_standin_inception
+from helpers_metrics import ref_command_args, save_standin_inception
 from helpers_sampling import tiny_net, tiny_vae
 
 from decode_samples import main
@@ -190,22 +190,7 @@ def test_metrics_from_the_cli(assets, tmp_path):
     _decode(assets, out, "--seeds", "0-11")
     inception = save_standin_inception(tmp_path / "inception.pt")
     ref = tmp_path / "ref.pkl"
-    result = CliRunner().invoke(
-        metrics_main,
-        [
-            "ref",
-            "--source",
-            str(out),
-            "--dest",
-            str(ref),
-            "--metrics",
-            "fid",
-            "--inception",
-            inception,
-            "--workers",
-            "0",
-        ],
-    )
+    result = CliRunner().invoke(metrics_main, ref_command_args(out, ref, inception))
     assert result.exit_code == 0, result.output
     output = _decode(
         assets,

@@ -18,7 +18,7 @@ from tests.helpers_train import run_distributed  # noqa: E402
 
 
 def _engine_pair(stage: int, precision: str):
-    from sida_edm2.model.networks import Precond
+    from sida_edm2.model.networks import PRECISION_DTYPES, Precond
     from sida_edm2.model.presets import get_preset
     from sida_edm2.train import engines
 
@@ -36,7 +36,7 @@ def _engine_pair(stage: int, precision: str):
                     param.mul_(3.0)
                 else:
                     param.fill_(0.7)
-        net.compute_dtype = engines.COMPUTE_DTYPES[precision]
+        net.compute_dtype = PRECISION_DTYPES[precision]
         pair.append(engines.make_engine(net, ds_config, lr=1e-2, betas=(0.9, 0.99), eps=1e-8))
     return pair
 
@@ -50,12 +50,13 @@ def _backward(engine, rank: int, nan: bool = False) -> None:
 
 
 def scenario(out: str, stage: int, precision: str) -> None:
+    from sida_edm2.model.networks import PRECISION_DTYPES
     from sida_edm2.train import engines
     from sida_edm2.train.ds_master import master_state_dict, normalize_master_weights_, visit_master_weights
     from sida_edm2.train.ema import NetworkEMA
     from sida_edm2.train.flat_master import FlatMasters
 
-    env = engines.init_distributed()
+    env = engines.init_deepspeed_distributed()
     flat_engine, reference = _engine_pair(stage, precision)
     ema_flat = NetworkEMA(flat_engine.module, torch.device("cpu")) if env.rank == 0 else None
     ema_ref = NetworkEMA(reference.module, torch.device("cpu")) if env.rank == 0 else None
@@ -74,7 +75,7 @@ def scenario(out: str, stage: int, precision: str) -> None:
     masters_flat, masters_ref = master_state_dict(flat_engine), master_state_dict(reference)
     working = {n: p.detach().float() for n, p in flat_engine.module.named_parameters()}
     # The working copy holds the masters rounded to the compute precision.
-    rounded = {n: v.to(engines.COMPUTE_DTYPES[precision]).float() for n, v in masters_flat.items()}
+    rounded = {n: v.to(PRECISION_DTYPES[precision]).float() for n, v in masters_flat.items()}
 
     _backward(flat_engine, env.rank, nan=True)  # a non-finite gradient: the whole step is skipped
     flat_engine.step()

@@ -35,7 +35,7 @@ def test_generator_sigma_ends_and_midpoint():
     hi, lo = 80 ** (1 / 7), 0.002 ** (1 / 7)
     mid = (hi + 0.5 * (lo - hi)) ** 7
     np.testing.assert_allclose(s.numpy(), [0.002, 24.41, 80.0, mid], rtol=3e-4)
-    # the upper end of the generator-update range (tmax 0.8) to more digits than DESIGN's 24.41
+    # the upper end of the generator-update range (tmax 0.8) to more digits than the documented 24.41
     expected_tmax = (hi + 0.2 * (lo - hi)) ** 7
     assert abs(expected_tmax - 24.41) < 0.01
     assert s[1].item() == pytest.approx(expected_tmax, rel=1e-5)
@@ -297,27 +297,3 @@ def test_generator_loss_weights():
         L.generator_loss_weights("fake_only", 100, 0.01)
     with pytest.raises(ValueError, match="unknown phase"):
         L.generator_loss_weights("gan", 100, 0.01)
-
-
-# ----------------------------------------------------------------------------------------------------
-# EMA.
-
-
-def test_ema_beta_schedule():
-    assert L.ema_beta(0, 2048) == 0.0  # halflife floored at 1e-8: the EMA copies the weights
-    assert L.ema_beta(1_000_000, 2048) == pytest.approx(0.5 ** (2048 / 50_000), rel=1e-12)  # ramp-up
-    assert L.ema_beta(40_000_000, 2048) == pytest.approx(0.5 ** (2048 / 2e6), rel=1e-12)  # both 2e6
-    assert L.ema_beta(10**9, 2048) == pytest.approx(0.5 ** (2048 / 2e6), rel=1e-12)  # capped
-    assert L.ema_beta(0, 64, ema_mimg=0.5, rampup=None) == pytest.approx(0.5 ** (64 / 5e5), rel=1e-12)
-
-
-def test_ema_update():
-    ema = [t32([1.0, 2.0]), t32([[4.0]])]
-    params = [t32([3.0, 6.0]), torch.tensor([[8.0]], dtype=torch.bfloat16)]
-    L.ema_update_(ema, params, 0.25)
-    assert ema[0].tolist() == [2.5, 5.0]  # 0.25*1 + 0.75*3, 0.25*2 + 0.75*6
-    assert ema[1].dtype == torch.float32 and ema[1].item() == 7.0
-    L.ema_update_(ema, [t32([0.1, 0.2]), t32([[0.3]])], 0.0)
-    assert ema[0].tolist() == t32([0.1, 0.2]).tolist() and ema[1].item() == t32([0.3]).item()
-    with pytest.raises(ValueError):
-        L.ema_update_(ema, params[:1], 0.5)

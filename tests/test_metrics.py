@@ -12,7 +12,13 @@ import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers_metrics import StandInBackbone, save_standin_inception, standin_detectors, stats_worker
+from helpers_metrics import (
+    StandInBackbone,
+    ref_command_args,
+    save_standin_inception,
+    standin_detectors,
+    stats_worker,
+)
 from helpers_sampling import tiny_vae
 
 from latent.shards import write_synthetic_dataset
@@ -134,24 +140,9 @@ def test_latent_shards_are_decoded_once_across_ranks(image_set, tmp_path):
     assert sum(len(b) for b in capped) == 5
     vae.save_pretrained(tmp_path / "vae")
     _, _, _, inception = image_set
-    result = CliRunner().invoke(
-        main,
-        [
-            "ref",
-            "--source",
-            str(tmp_path / "shards"),
-            "--vae",
-            str(tmp_path / "vae"),
-            "--dest",
-            str(tmp_path / "ref.pkl"),
-            "--metrics",
-            "fid",
-            "--inception",
-            inception,
-            "--workers",
-            "0",
-        ],
-    )
+    vae_args = ("--vae", str(tmp_path / "vae"))
+    args = ref_command_args(tmp_path / "shards", tmp_path / "ref.pkl", inception, *vae_args)
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "fid: 7 images" in result.output
 

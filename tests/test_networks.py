@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sida_edm2.model.mp_layers import MPConv, mp_cat, mp_silu, mp_sum, normalize, resample
-from sida_edm2.model.networks import SIGMA_INIT, Generator, Precond, make_generator, precond_coefficients
+from sida_edm2.model.networks import Precond, precond_coefficients
 from sida_edm2.model.presets import get_preset
 
 
@@ -325,18 +325,3 @@ def test_init_kwargs_rebuild_the_network():
     x, sigma, labels = tiny_inputs(net)
     with torch.no_grad():
         assert torch.equal(clone.eval()(x, sigma, labels), net.eval()(x, sigma, labels))
-
-
-def test_generator_is_precond_at_sigma_init():
-    assert SIGMA_INIT == 2.5
-    teacher = tiny_net().eval()
-    G = make_generator(teacher)
-    assert isinstance(G, Generator) and G.training
-    assert not any(k.startswith("logvar_") for k in G.state_dict())
-    assert G.init_kwargs["logvar_channels"] == 0
-    G.eval()
-    x, _, labels = tiny_inputs(teacher)
-    z = SIGMA_INIT * x
-    with torch.no_grad():
-        assert torch.equal(G(z, labels), teacher(z, SIGMA_INIT, labels))
-        assert torch.equal(G(z, labels), teacher(z, torch.full([3], 2.5), labels))

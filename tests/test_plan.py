@@ -27,7 +27,7 @@ from sida_edm2.plan.memory import (
 from sida_edm2.train.engines import enable_activation_checkpointing
 
 XS, XXL = "edm2-img512-xs", "edm2-img512-xxl"
-XXL_PARAMS = 1_523_164_773  # DESIGN.md section 3, the Precond with logvar head
+XXL_PARAMS = 1_523_164_773  # the official XXL Precond with logvar head
 LOGVAR_PARAMS = 128  # logvar_linear.weight [1, 128]: the generator has no logvar head
 
 
@@ -173,7 +173,7 @@ def test_batch_choices_divide_the_batch():
 
 
 def test_xs_forward_flops_match_the_design_anchor():
-    assert count_forward_flops(XS) == pytest.approx(90e9, rel=0.03)  # DESIGN.md section 7
+    assert count_forward_flops(XS) == pytest.approx(90e9, rel=0.03)  # the release's FlopCounter count
 
 
 def test_iteration_counts_forward_and_backward_of_both_updates():

@@ -1,4 +1,4 @@
-"""The ADM/EDM2 center crop (DESIGN.md 4) on known sizes, and its pixels against hand-unrolled PIL calls."""
+"""The ADM/EDM2 center crop on known sizes, and its pixels against hand-unrolled PIL calls."""
 
 import numpy as np
 import pytest

@@ -11,7 +11,7 @@ import torch
 from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import PRESETS, get_preset
 
-# DESIGN.md section 3: parameters of the official img512 networks (1000 classes, with the logvar head).
+# Parameters of the official img512 networks (1000 classes, with the logvar head).
 PARAM_COUNTS = {
     "edm2-img512-xs": 124_713_253,
     "edm2-img512-s": 280_212_837,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers_sampling import tiny_net
 
-from sida_edm2.model.networks import SIGMA_INIT, Precond, make_generator
+from sida_edm2.model.networks import SIGMA_INIT, Precond
 from sida_edm2.sample.sampling import (
     draw_seed_inputs,
     generate_latents,
@@ -80,14 +80,6 @@ def test_given_class_keeps_the_noise(net):
         generate_latents(net, seeds, class_labels=[1, 2])
     with pytest.raises(ValueError):
         generate_latents(net, seeds, class_labels=10)
-
-
-def test_generator_subclass_is_evaluated_like_its_precond(net):
-    G = make_generator(net).eval()
-    x_net, labels = generate_latents(net, [4, 5])
-    x_gen, labels_gen = generate_latents(G, [4, 5])
-    torch.testing.assert_close(x_gen, x_net)
-    assert torch.equal(labels_gen, labels)
 
 
 def test_dtype_override_is_temporary(net):

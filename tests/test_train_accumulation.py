@@ -27,9 +27,8 @@ from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import get_preset
 from sida_edm2.model.weight_norm import force_normalize_
 from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise
+from sida_edm2.train.ema import ema_beta, ema_update_
 from sida_edm2.train.losses import (
-    ema_beta,
-    ema_update_,
     fake_score_loss,
     fake_score_sigma,
     generator_sigma,

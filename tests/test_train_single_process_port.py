@@ -16,8 +16,8 @@ SCRIPT = textwrap.dedent(
         blocker.listen()
     except OSError:
         pass  # already held by someone else: the point of the test either way
-    from sida_edm2.train.engines import init_distributed
-    env = init_distributed()
+    from sida_edm2.train.engines import init_deepspeed_distributed
+    env = init_deepspeed_distributed()
     import torch
     torch.distributed.barrier()
     print("ok", env.rank, env.world_size, os.environ["MASTER_PORT"])

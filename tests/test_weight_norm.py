@@ -1,4 +1,5 @@
-"""Forced weight normalisation: once per optimizer step, never between forwards sharing a backward.
+"""Forced weight normalisation of stored weights: rows at unit RMS, in place, and why never between two
+forwards that share a backward (the training normalises the master weights after each step instead).
 
 Run: .venv/bin/python -m pytest tests/test_weight_norm.py
 """
@@ -9,7 +10,7 @@ import torch
 from sida_edm2.model.mp_layers import MPConv
 from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import get_preset
-from sida_edm2.model.weight_norm import ForcedWeightNorm, force_normalize_, mp_weight_params, normalize_rows_
+from sida_edm2.model.weight_norm import force_normalize_, mp_weight_params, normalize_rows_
 
 
 def make_net() -> Precond:
@@ -32,21 +33,6 @@ def batch(net: Precond, seed: int):
 
 def row_rms(w: torch.Tensor) -> torch.Tensor:
     return w.detach().float().flatten(1).square().mean(dim=1).sqrt()
-
-
-def rows_at_unit_rms(net: torch.nn.Module) -> bool:
-    return all(torch.allclose(row_rms(p), torch.ones(len(p)), atol=1e-3) for _, p in mp_weight_params(net))
-
-
-def sida_fake_score_pass(net: Precond, real, fake):
-    """The SiDA fake-score update: DSM on fakes ('both') and the discriminator on real inputs ('disc')
-    before a single backward."""
-    x_fake, sigma, labels = fake
-    x_real = real[0]
-    D, disc_fake, logvar = net(x_fake, sigma, labels, output="both", return_logvar=True)
-    disc_real = net(x_real, sigma, labels, output="disc")
-    loss = (D - x_fake).square().mean() + logvar.mean() + disc_fake.mean() - disc_real.mean()
-    loss.backward()
 
 
 def test_mp_weight_params_lists_every_mpconv_weight_only():
@@ -72,39 +58,9 @@ def test_normalize_rows_sets_rms_one_in_place(dtype):
     torch.testing.assert_close(row_rms(w), rms / (1e-4 + rms), rtol=tol, atol=tol)
 
 
-def test_rows_at_unit_rms_after_each_adam_step_and_normalised_once_per_step():
-    net = make_net()
-    fwn = ForcedWeightNorm(net)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.0, 0.999), eps=1e-6)
-    assert not rows_at_unit_rms(net)  # randn init: rows have RMS ~1 but not exactly
-    for step in range(3):
-        sida_fake_score_pass(net, batch(net, 2 * step), batch(net, 2 * step + 1))
-        assert rows_at_unit_rms(net)  # normalised before this step's first forward...
-        assert fwn.num_normalizations == step + 1  # ...and only once although the net ran twice
-        opt.step()
-        opt.zero_grad()
-        assert not rows_at_unit_rms(net)  # Adam moved the weights off the unit sphere
-        fwn.step()
-    net(*batch(net, 9))
-    assert rows_at_unit_rms(net) and fwn.num_normalizations == 4
-
-
-def test_two_forwards_one_backward_with_hook_does_not_raise():
-    net = make_net()
-    fwn = ForcedWeightNorm(net)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.0, 0.999))
-    for step in range(2):
-        sida_fake_score_pass(net, batch(net, step), batch(net, step + 10))
-        assert all(torch.isfinite(p.grad).all() for _, p in mp_weight_params(net))
-        opt.step()
-        opt.zero_grad()
-        fwn.step()
-    assert fwn.num_normalizations == 2
-
-
 def test_in_place_normalisation_between_two_forwards_raises():
-    """The defect of the release's per-forward hook (DESIGN 3.2): normalising the stored weights between
-    two forwards that share one backward invalidates tensors saved by the first forward."""
+    """The defect of the release's per-forward hook (docs/ARCHITECTURE.md, "Known traps"): normalising the
+    stored weights between two forwards that share one backward invalidates tensors saved by the first."""
     net = make_net()
     x, sigma, labels = batch(net, 0)
     first = net(x, sigma, labels, output="both")[0]
@@ -112,26 +68,3 @@ def test_in_place_normalisation_between_two_forwards_raises():
     second = net(batch(net, 1)[0], sigma, labels, output="disc")
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (first.mean() + second.mean()).backward()
-
-
-def test_disabled_or_eval_mode_leaves_weights_alone():
-    net = make_net()
-    fwn = ForcedWeightNorm(net, enabled=False)
-    before = [p.detach().clone() for _, p in mp_weight_params(net)]
-    net(*batch(net, 0))
-    net.eval()
-    fwn.enabled = True
-    with torch.no_grad():
-        net(*batch(net, 0))
-    assert all(torch.equal(b, p) for b, (_, p) in zip(before, mp_weight_params(net), strict=True))
-    assert fwn.num_normalizations == 0
-    net.train()
-    net(*batch(net, 0))
-    assert fwn.num_normalizations == 1 and rows_at_unit_rms(net)
-    fwn.remove()
-    fwn.step()
-    with torch.no_grad():
-        for _, p in mp_weight_params(net):
-            p.mul_(2)
-    net(*batch(net, 0))
-    assert fwn.num_normalizations == 1 and not rows_at_unit_rms(net)

@@ -1,5 +1,5 @@
 """Magnitude-preserving primitives of EDM2 (Karras et al. 2024, "Analyzing and Improving the Training
-Dynamics of Diffusion Models"), written from DESIGN.md section 3.
+Dynamics of Diffusion Models"), written from the paper (docs/ARCHITECTURE.md, "The networks").
 
 Every op keeps unit-variance inputs at unit variance, so the network needs no biases and no
 normalisation layers. `MPConv.forward` is pure: forced weight normalisation (rescaling the *stored*

@@ -1,4 +1,5 @@
-"""EDM2's magnitude-preserving UNet and its preconditioner, with the SiDA additions (DESIGN.md section 3).
+"""EDM2's magnitude-preserving UNet and its preconditioner, with the SiDA additions (docs/ARCHITECTURE.md,
+"The networks").
 
 State-dict names and shapes equal the official EDM2 ones, so official snapshots load 1:1:
 
@@ -31,6 +32,10 @@ from sida_edm2.model.mp_layers import (
 SIGMA_INIT = 2.5
 
 OUTPUT_MODES = ("denoised", "disc", "both")
+
+
+# The dtypes a network computes in (its compute_dtype), by the precision names of the CLIs and configs.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Block(torch.nn.Module):
@@ -327,44 +332,3 @@ class Precond(torch.nn.Module):
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             outputs = (*outputs, logvar.to(torch.float32))
         return outputs[0] if len(outputs) == 1 else outputs
-
-
-class Generator(Precond):
-    """The one-step generator: a Precond (by default without logvar head) evaluated at SIGMA_INIT.
-
-    G(z, c) == Precond.forward(z, SIGMA_INIT, c), where the caller passes z = SIGMA_INIT * eps. Its state
-    dict uses Precond's names, so a teacher's weights (minus logvar_*) load into it directly.
-    """
-
-    def __init__(
-        self,
-        img_resolution: int,  # Image (latent) resolution.
-        img_channels: int,  # Image (latent) channels.
-        label_dim: int,  # Number of classes, 0 = unconditional.
-        use_fp16: bool = True,  # Default compute_dtype float16 (CUDA only).
-        sigma_data: float = 0.5,  # Expected standard deviation of the training data.
-        logvar_channels: int | None = 0,  # The generator needs no logvar head.
-        **unet_kwargs,  # UNet keyword arguments.
-    ):
-        super().__init__(
-            img_resolution, img_channels, label_dim, use_fp16, sigma_data, logvar_channels, **unet_kwargs
-        )
-
-    def forward(  # type: ignore[override]
-        self, z: torch.Tensor, class_labels: torch.Tensor | None = None, force_fp32: bool = False
-    ) -> torch.Tensor:
-        return super().forward(z, SIGMA_INIT, class_labels, force_fp32=force_fp32)
-
-
-def make_generator(teacher: Precond) -> Generator:
-    """A Generator with the teacher's architecture and weights (logvar head dropped), on the teacher's
-    device, in train mode, with the teacher's compute_dtype."""
-    kwargs = {**teacher.init_kwargs, "logvar_channels": 0}
-    device = next(teacher.parameters()).device
-    with torch.device("meta"):
-        G = Generator(**kwargs)
-    G = G.to_empty(device=device)
-    state = {k: v for k, v in teacher.state_dict().items() if not k.startswith("logvar_")}
-    G.load_state_dict(state, strict=True)
-    G.compute_dtype = teacher.compute_dtype
-    return G.train()

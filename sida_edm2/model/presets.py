@@ -22,9 +22,10 @@ Keys of every preset:
 """
 
 import copy
+import dataclasses
 
-# SiDA's settings shared by all img512 sizes (paper Table 7; DESIGN.md section 5).
-_SIDA_COMMON = dict(
+# SiDA's settings shared by all img512 sizes (paper Table 7), the one source of these defaults.
+SIDA_SETTINGS = dict(
     batch=2048,
     lr=5e-5,
     adam_betas=[0.0, 0.999],
@@ -41,47 +42,59 @@ _SIDA_COMMON = dict(
     force_norm=True,
 )
 
-# size: (model_channels, dropout, batch_gpu, paper_num_gpus, paper_accum_rounds, weight_recompute);
-# EDM2 and Table 7, and the memory/speed trade-off measured in benchmarks/RESULTS.md.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Img512Size:
+    """What differs between the img512 sizes: EDM2's width and dropout, the paper's Table 7 batch split, and
+    the memory/speed trade-off measured in benchmarks/RESULTS.md."""
+
+    model_channels: int
+    dropout: float
+    batch_gpu: int  # images per GPU per micro-batch
+    paper_num_gpus: int
+    paper_accum_rounds: int
+    weight_recompute: bool
+
+    def preset(self) -> dict:
+        network = dict(
+            img_resolution=64,  # 512x512 images -> 64x64 SD-VAE latents
+            img_channels=4,
+            label_dim=1000,
+            model_channels=self.model_channels,
+            channel_mult=[1, 2, 3, 4],
+            num_blocks=3,
+            attn_resolutions=[16, 8],
+            dropout=self.dropout,
+            logvar_channels=128,
+        )
+        row = dataclasses.asdict(self)
+        del row["model_channels"]
+        return dict(network=network, **row, **SIDA_SETTINGS)
+
+
 _IMG512_SIZES = {
-    "xs": (128, 0.0, 64, 16, 2, False),
-    "s": (192, 0.0, 64, 8, 4, False),
-    "m": (256, 0.1, 32, 8, 8, False),
-    "l": (320, 0.1, 32, 8, 8, True),
-    "xl": (384, 0.1, 16, 8, 16, True),
-    "xxl": (448, 0.1, 2, 8, 128, True),
-}
+    "xs": _Img512Size(model_channels=128, dropout=0.0, batch_gpu=64, paper_num_gpus=16, paper_accum_rounds=2,
+                      weight_recompute=False),
+    "s": _Img512Size(model_channels=192, dropout=0.0, batch_gpu=64, paper_num_gpus=8, paper_accum_rounds=4,
+                     weight_recompute=False),
+    "m": _Img512Size(model_channels=256, dropout=0.1, batch_gpu=32, paper_num_gpus=8, paper_accum_rounds=8,
+                     weight_recompute=False),
+    "l": _Img512Size(model_channels=320, dropout=0.1, batch_gpu=32, paper_num_gpus=8, paper_accum_rounds=8,
+                     weight_recompute=True),
+    "xl": _Img512Size(model_channels=384, dropout=0.1, batch_gpu=16, paper_num_gpus=8, paper_accum_rounds=16,
+                      weight_recompute=True),
+    "xxl": _Img512Size(model_channels=448, dropout=0.1, batch_gpu=2, paper_num_gpus=8, paper_accum_rounds=128,
+                       weight_recompute=True),
+}  # fmt: skip
 
-
-def _img512_preset(
-    model_channels: int, dropout: float, batch_gpu: int, gpus: int, accum: int, weight_recompute: bool
-) -> dict:
-    network = dict(
-        img_resolution=64,  # 512x512 images -> 64x64 SD-VAE latents
-        img_channels=4,
-        label_dim=1000,
-        model_channels=model_channels,
-        channel_mult=[1, 2, 3, 4],
-        num_blocks=3,
-        attn_resolutions=[16, 8],
-        dropout=dropout,
-        logvar_channels=128,
-    )
-    return dict(
-        network=network, batch_gpu=batch_gpu, paper_num_gpus=gpus, paper_accum_rounds=accum, dropout=dropout,
-        weight_recompute=weight_recompute, **_SIDA_COMMON,
-    )
-
-
-PRESETS: dict[str, dict] = {
-    f"edm2-img512-{size}": _img512_preset(*spec) for size, spec in _IMG512_SIZES.items()
-}
+PRESETS: dict[str, dict] = {f"edm2-img512-{size}": spec.preset() for size, spec in _IMG512_SIZES.items()}
 
 # Unit tests: 16x16 latents, 2 levels (disc map 8x8), one block per level, attention at 8x8 with 16-channel
 # heads (the default 64 would leave 32-channel blocks without attention). Phase thresholds of one and two
 # optimizer steps so a few-step test run reaches all three phases.
 PRESETS["tiny"] = dict(
-    _SIDA_COMMON,
+    SIDA_SETTINGS,
     network=dict(
         img_resolution=16, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2], num_blocks=1,
         attn_resolutions=[8], channels_per_head=16, dropout=0.0, logvar_channels=16,
@@ -92,7 +105,7 @@ PRESETS["tiny"] = dict(
 
 # README demo: 16x16 latents, 10 classes, 3 levels (disc map 4x4), a few minutes of CPU training.
 PRESETS["demo"] = dict(
-    _SIDA_COMMON,
+    SIDA_SETTINGS,
     network=dict(
         img_resolution=16, img_channels=4, label_dim=10, model_channels=32, channel_mult=[1, 2, 2],
         num_blocks=2, attn_resolutions=[8, 4], channels_per_head=32, dropout=0.0, logvar_channels=32,

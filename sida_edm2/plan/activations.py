@@ -32,7 +32,7 @@ from sida_edm2.model import speed
 from sida_edm2.model.networks import Block
 from sida_edm2.plan.flops import PASSES, build_iteration_networks, network_kwargs
 
-PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of the working copies and activations
+PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes of the working copies and activations
 _MEASURE_BATCHES = (3, 6)  # two batch sizes no weight has as its first dimension (see largest_activation)
 
 
@@ -237,7 +237,7 @@ def measure_activations(
     whether the frozen fake score's weights are cached in the generator update (the training does so
     unless the fake score is partitioned by ZeRO-3 or --no-weight-cache is given); weight_recompute:
     whether MPConv weights are recomputed in backward (else their copies count as saved bytes)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {list(PRECISION_BYTES)}, got {precision!r}")
     network_json = json.dumps(network_kwargs(network), sort_keys=True)
     return _measure_cached(network_json, precision, weight_cache, weight_recompute)

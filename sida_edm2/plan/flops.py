@@ -14,10 +14,10 @@ scaled_dot_product_attention runs its math path). Counting on a real device woul
 misses the CPU's fused attention kernel, and on CUDA it adds flash attention's recomputed QK^T in
 backward. The counts are per image and do not depend on the micro-batch.
 
-The iteration replica below (`build_iteration_networks`, `fake_score_pass`, `generator_pass`) repeats the
-computation of `sida_edm2.train.trainer.Trainer` - both updates with the same networks, train/eval modes,
-frozen parameters, return modes and loss functions - without DeepSpeed, on any device. `sida_edm2.plan.memory`
-runs the same replica to measure the activations autograd saves.
+The iteration replica below (`build_iteration_networks`, `fake_score_pass`, `generator_pass`) runs the
+Trainer's own per-micro-batch objectives (sida_edm2.train.objectives) on plain modules - the same
+networks, train/eval modes, frozen parameters and losses - without DeepSpeed, on any device.
+`sida_edm2.plan.memory` runs the same replica to measure the activations autograd saves.
 """
 
 import argparse
@@ -27,30 +27,32 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sida_edm2.model import speed
-from sida_edm2.model.networks import SIGMA_INIT, Precond
-from sida_edm2.model.presets import PRESETS, get_preset
-from sida_edm2.train.losses import (
-    adversarial_generator_loss,
-    discriminator_loss,
-    fake_score_loss,
-    fake_score_sigma,
-    finite_sum,
-    generator_sigma,
-    sid_generator_loss,
+from sida_edm2.model.networks import Precond
+from sida_edm2.model.presets import PRESETS, SIDA_SETTINGS, get_preset
+from sida_edm2.train.losses import generator_loss_weights
+from sida_edm2.train.objectives import (
+    fake_score_objective,
+    freeze_fake_score,
+    generator_objective,
+    thaw_fake_score,
 )
 
 # NVIDIA H100 SXM dense (no sparsity) bf16 tensor-core peak, FLOP/s (the datasheet's 1979 TFLOPS is sparse).
 H100_SXM_BF16_DENSE_PEAK = 989.4e12
 
-METHODS = ("sid", "sida")  # sid2a computes exactly what sida does
+COUNTED_METHODS = ("sid", "sida")  # sid2a computes exactly what sida does
 
-# Paper Table 7 / DESIGN.md section 5: loss weights of the SiDA phase, t range of the generator update.
-_LAMBDA_SID, _LAMBDA_ADV_THETA, _LAMBDA_ADV_PSI, _TMAX = 100.0, 0.01, 100.0, 0.8
 
 
 def network_kwargs(network: str | dict) -> dict:
     """Precond keyword arguments of a preset name, or a copy of the given kwargs dict."""
     return get_preset(network)["network"] if isinstance(network, str) else dict(network)
+
+
+def loss_settings(network: str | dict) -> dict:
+    """The preset's loss settings (sigma_init, tmax, alpha, lambdas); SiDA's defaults for bare kwargs.
+    They scale the losses, so they matter only for the values, not for the counts."""
+    return get_preset(network) if isinstance(network, str) else dict(SIDA_SETTINGS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,6 +64,7 @@ class IterationNetworks:
     generator: Precond  # G: the teacher's architecture without logvar head, trainable
     fake_score: Precond  # f_psi: with logvar head, trainable
     teacher: Precond  # frozen, always in eval mode, its weights baked (sida_edm2.model.speed)
+    settings: dict  # the preset's loss settings (loss_settings)
     cache_fake_score_weights: bool = True  # cache the frozen fake score's weights in the generator pass
 
     def modules(self) -> tuple[Precond, Precond, Precond]:
@@ -80,6 +83,7 @@ def build_iteration_networks(
             generator=Precond(**{**kwargs, "logvar_channels": 0}),
             fake_score=Precond(**kwargs),
             teacher=Precond(**kwargs),
+            settings=loss_settings(network),
         )
     for net in nets.modules():
         net.to(dtype=dtype)
@@ -100,59 +104,44 @@ def _latents(net: Precond, batch: int, device: torch.device) -> torch.Tensor:
 
 
 def fake_score_pass(nets: IterationNetworks, batch: int, method: str = "sida") -> torch.Tensor:
-    """Forward of one fake-score micro-batch (Trainer.fake_score_update): G without grad in eval mode,
-    the fake score in train mode on the noised fakes (output "both") and, for SiDA, on the noised real
-    batch (encoder only). Returns the loss whose backward updates the fake score."""
+    """Forward of one fake-score micro-batch (Trainer.fake_score_update): G in eval mode, the fake score
+    in train mode, with the real batch (random latents) for SiDA. Returns the loss whose backward updates
+    the fake score."""
     G, F = nets.generator, nets.fake_score
     device = next(F.parameters()).device
-    labels = _one_hot_labels(G, batch, device)
     G.eval()
     F.train()
-    with torch.no_grad():
-        x_g = G(SIGMA_INIT * _latents(G, batch, device), SIGMA_INIT, labels)
-    sigma = fake_score_sigma(torch.randn(batch, device=device))
-    s = sigma.reshape(-1, 1, 1, 1)
-    eps = torch.randn_like(x_g)
-    if method == "sid":
-        denoised, logvar = F(x_g + s * eps, sigma, labels, return_logvar=True)
-        return finite_sum(fake_score_loss(denoised, x_g, sigma, logvar))[0]
-    denoised, logits_fake, logvar = F(x_g + s * eps, sigma, labels, return_logvar=True, output="both")
-    logits_real = F(_latents(G, batch, device) + s * eps, sigma, labels, output="disc")
-    dsm = finite_sum(fake_score_loss(denoised, x_g, sigma, logvar))[0]
-    disc = finite_sum(discriminator_loss(logits_real, logits_fake, sigma, logvar))[0]
-    return dsm + _LAMBDA_ADV_PSI * disc
+    x_real = None if method == "sid" else _latents(G, batch, device)
+    z, eps = _latents(G, batch, device), _latents(G, batch, device)
+    terms = fake_score_objective(
+        G, F, z, eps, torch.randn(batch, device=device), _one_hot_labels(G, batch, device), x_real,
+        sigma_init=nets.settings["sigma_init"], lambda_adv_psi=nets.settings["lambda_adv_psi"],
+    )  # fmt: skip
+    return terms.loss
 
 
 def generator_pass(nets: IterationNetworks, batch: int, method: str = "sida") -> torch.Tensor:
-    """Forward of one generator micro-batch (Trainer.generator_update): G in train mode, the teacher and
-    the fake score (eval mode, parameters frozen) on the noised output. Returns the loss whose backward
-    reaches G through the inputs of both frozen networks."""
-    G, F, teacher = nets.generator, nets.fake_score, nets.teacher
+    """Forward of one generator micro-batch (Trainer.generator_update) of the SiDA phase ("sid": SiD's),
+    G in train mode, the fake score frozen. Returns the loss whose backward reaches G through the inputs
+    of both frozen networks."""
+    G, F, settings = nets.generator, nets.fake_score, nets.settings
     device = next(G.parameters()).device
-    labels = _one_hot_labels(G, batch, device)
     G.train()
-    x_g = G(SIGMA_INIT * _latents(G, batch, device), SIGMA_INIT, labels)
-    sigma = generator_sigma(torch.rand(batch, device=device) * _TMAX)
-    x_t = x_g + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x_g)
-    d_teacher = teacher(x_t, sigma, labels)
-    # The graph records the frozen state while it is built, so requires_grad can be restored right after.
-    F.eval().requires_grad_(False)
-    # The training caches the frozen fake score's effective weights during its generator update; here
-    # the cache stays filled after the pass (sida_edm2.plan.activations measures it) until the next one.
-    speed.cache_effective_weights(F, nets.cache_fake_score_weights)
+    z, eps = _latents(G, batch, device), _latents(G, batch, device)
+    phase = "sid" if method == "sid" else "sida"
+    weights = generator_loss_weights(phase, settings["lambda_sid"], settings["lambda_adv_theta"])
+    uniform, labels = torch.rand(batch, device=device), _one_hot_labels(G, batch, device)
+    freeze_fake_score(F, nets.cache_fake_score_weights)
     try:
-        if method == "sid":
-            d_fake, logvar = F(x_t, sigma, labels, return_logvar=True)
-        else:
-            d_fake, logits, logvar = F(x_t, sigma, labels, return_logvar=True, output="both")
+        terms = generator_objective(
+            G, F, nets.teacher, z, eps, uniform, labels, sigma_init=settings["sigma_init"],
+            tmax=settings["tmax"], alpha=settings["alpha"], weights=weights,
+        )  # fmt: skip
     finally:
-        F.requires_grad_(True)
-    if method == "sid":
-        return finite_sum(_LAMBDA_SID * sid_generator_loss(d_teacher, d_fake, x_g, logvar))[0]
-    per_sample = 0.5 * _LAMBDA_SID * sid_generator_loss(d_teacher, d_fake, x_g, logvar)
-    adversarial = adversarial_generator_loss(logits, d_teacher, x_g, logvar)
-    per_sample = per_sample + 0.5 * _LAMBDA_ADV_THETA * adversarial
-    return finite_sum(per_sample)[0]
+        # The graph recorded the frozen state while it was built. The cache stays filled after the pass
+        # (sida_edm2.plan.activations measures it) until the next one.
+        thaw_fake_score(F, keep_cache=True)
+    return terms.loss
 
 
 PASSES = {"fake_score_update": fake_score_pass, "generator_update": generator_pass}
@@ -196,8 +185,8 @@ def count_forward_flops(network: str | dict, batch: int = 2) -> float:
 def count_iteration_flops(network: str | dict, batch: int = 2, method: str = "sida") -> IterationFlops:
     """Forward and backward FLOPs per generator image of one iteration (both updates, the SiDA phase
     for method "sida"; SiD's computation for "sid"), counted on the iteration replica."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in COUNTED_METHODS:
+        raise ValueError(f"method must be one of {COUNTED_METHODS}, got {method!r}")
     nets = build_iteration_networks(network, "meta", torch.bfloat16)
     counts = {}
     for name, run_pass in PASSES.items():
@@ -225,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="FLOPs of one SiDA iteration per generator image")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
                         help="preset(s) to count; default: the six img512 sizes")  # fmt: skip
-    parser.add_argument("--method", default="sida", choices=METHODS)
+    parser.add_argument("--method", default="sida", choices=COUNTED_METHODS)
     args = parser.parse_args(argv)
     presets = args.preset or [name for name in PRESETS if name.startswith("edm2-img512-")]
     print(f"{'preset':<18} {'fwd GF/img':>10} {'iter GF/img':>11} {'fwd-equiv':>9}  "

@@ -42,7 +42,7 @@ import torch
 
 from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import PRESETS, get_preset
-from sida_edm2.plan.activations import PRECISIONS, measure_activations
+from sida_edm2.plan.activations import PRECISION_BYTES, measure_activations
 
 GIB = 2**30
 WORKSPACE_FACTOR = 3
@@ -135,14 +135,16 @@ def predict_peak_bytes(
     weight_recompute: bool | None = None,  # None: the preset's setting (as the training uses it).
 ) -> MemoryPlan:
     """The predicted peak of torch.cuda.max_memory_allocated on the busiest GPU (rank 0) of a run."""
+    # One function on purpose: the memory model reads top to bottom as its list of terms, which share
+    # the sharding rule and the sizes defined first.
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {list(PRECISION_BYTES)}, got {precision!r}")
     if precision == "fp16" and zero_stage == 0:
         raise ValueError("fp16 needs ZeRO stage >= 1 (the training refuses fp16 at stage 0)")
     cfg = get_preset(preset_name)
-    network, lp, W, stage = cfg["network"], PRECISIONS[precision], gpus, zero_stage
+    network, lp, W, stage = cfg["network"], PRECISION_BYTES[precision], gpus, zero_stage
     n_g, n_f = _param_counts(json.dumps(network, sort_keys=True))
     zero = _zero_config(stage)
 
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     parser.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
     parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
+    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISION_BYTES))
     parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
                         help="fraction of --gpu-memory the predicted peak may use")  # fmt: skip
     parser.add_argument("--saturating-batch", type=int, default=DEFAULT_SATURATING_BATCH,

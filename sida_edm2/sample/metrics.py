@@ -17,7 +17,7 @@ tr(S1 + S2 - 2 sqrtm(S1 S2)), the real part of scipy's matrix square root (EDM2'
 
 import os
 import pickle
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import click
@@ -32,7 +32,7 @@ from latent.vae import load_vae
 from sida_edm2.io.safe_unpickle import load_pickle
 from sida_edm2.sample import detectors as det
 from sida_edm2.sample.image_sources import image_batches
-from sida_edm2.sample.torchrun_env import init_distributed
+from sida_edm2.sample.torchrun_env import join_torchrun
 
 
 class FeatureStats:
@@ -186,7 +186,7 @@ def load_detectors(
 
 
 def _source_stats(source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device):
-    rank, world_size, device = init_distributed(device)
+    rank, world_size, device = join_torchrun(device)
     detectors = load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
     vae = None
     if Path(source).is_dir() and (Path(source) / MANIFEST).is_file():
@@ -197,22 +197,44 @@ def _source_stats(source, metrics, inception, dinov2, vae_name, batch, max_image
     return rank, accumulate_stats(detectors, batches, device, progress=rank == 0)
 
 
+def _metric_list(ctx, param, value: str) -> list[str]:
+    return parse_metric_list(value) if value else []
+
+
+# Options shared with decode_samples.py (declared once, here).
+def metrics_option(default: str) -> Callable:
+    """--metrics: a comma list of fid, fd_dinov2 ('' = none), parsed into a list."""
+    return click.option("--metrics", "metrics", default=default, show_default=bool(default),
+                        callback=_metric_list, help="Comma list of fid, fd_dinov2.")  # fmt: skip
+
+
+def ref_option(required: bool) -> Callable:
+    """--ref: reference statistics in EDM2's .pkl layout."""
+    return click.option("--ref", "ref_path", required=required, default=None,
+                        type=click.Path(exists=True, dir_okay=False),
+                        help="Reference statistics .pkl (EDM2 layout, e.g. img512.pkl).")  # fmt: skip
+
+
+inception_option = click.option(
+    "--inception", default=None, help=f"Path or URL of {det.INCEPTION_FILE} [default: cache dir]."
+)
+dinov2_option = click.option(
+    "--dinov2", default=None, help=f"Local copy of {det.DINOV2_REPO} [default: cache dir]."
+)
+workers_option = click.option(
+    "--workers", default=4, show_default=True, type=click.IntRange(min=0), help="Image reader processes."
+)
+device_option = click.option(
+    "--device", default=None, help="Single-process device [default: cuda if available, else cpu]."
+)
+
 _common = [
     click.option(
         "--source", required=True, help="Image folder, .npz (arr_0 uint8 NxHxWx3) or latent shard folder."
     ),
-    click.option(
-        "--metrics",
-        "metrics",
-        default="fid,fd_dinov2",
-        show_default=True,
-        type=parse_metric_list,
-        help="Comma list of fid, fd_dinov2.",
-    ),
-    click.option(
-        "--inception", default=None, help=f"Path or URL of {det.INCEPTION_FILE} [default: cache dir]."
-    ),
-    click.option("--dinov2", default=None, help=f"Local copy of {det.DINOV2_REPO} [default: cache dir]."),
+    metrics_option("fid,fd_dinov2"),
+    inception_option,
+    dinov2_option,
     click.option(
         "--vae",
         "vae_name",
@@ -226,12 +248,8 @@ _common = [
     click.option(
         "--max-images", default=None, type=click.IntRange(min=2), help="Use only the first N images."
     ),
-    click.option(
-        "--workers", default=4, show_default=True, type=click.IntRange(min=0), help="Image reader processes."
-    ),
-    click.option(
-        "--device", default=None, help="Single-process device [default: cuda if available, else cpu]."
-    ),
+    workers_option,
+    device_option,
 ]
 
 
@@ -262,13 +280,7 @@ def ref_command(source, metrics, inception, dinov2, vae_name, batch, max_images,
 
 @main.command("calc")
 @_with_common
-@click.option(
-    "--ref",
-    "ref_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Reference statistics .pkl (EDM2 layout, e.g. img512.pkl).",
-)
+@ref_option(required=True)
 def calc_command(source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device, ref_path):
     """Fréchet distances between SOURCE and the reference statistics."""
     ref = load_reference_stats(ref_path)

@@ -24,16 +24,13 @@ from collections.abc import Sequence
 
 import torch
 
-from sida_edm2.model.networks import SIGMA_INIT, Precond
+from sida_edm2.model.networks import SIGMA_INIT
 
 ClassSpec = int | Sequence[int] | torch.Tensor | None
 
 
 def denoise(net: torch.nn.Module, x: torch.Tensor, sigma, onehot: torch.Tensor | None) -> torch.Tensor:
-    """D(x; sigma, c) as float32. A Generator subclass takes (z, c) in its own forward, so any Precond
-    is called through Precond.forward to pass sigma explicitly."""
-    if isinstance(net, Precond):
-        return Precond.forward(net, x, sigma, onehot)
+    """D(x; sigma, c) as float32 (a Precond, or any module called like one)."""
     return net(x, sigma, onehot).to(torch.float32)
 
 
@@ -132,7 +129,7 @@ def generate_latents(
     sigmas: Sequence[float] = (),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One-step generation x = G(sigma_init * z, sigma_init, c) for each seed, then the optional
-    few-step refinements at `sigmas`. G is a Precond (or Generator). class_labels: None = drawn per
+    few-step refinements at `sigmas`. G is a Precond. class_labels: None = drawn per
     seed, an int for all seeds, or one per seed. num_classes defaults to G.label_dim; device to G's;
     dtype (e.g. torch.bfloat16) overrides G.compute_dtype for this call.
     Returns (latents float32 [N,C,H,W] in EDM2 space, labels int64 [N] or None)."""

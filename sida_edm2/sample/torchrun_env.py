@@ -1,6 +1,6 @@
 """Joining a torchrun launch from the sampling and metrics CLIs (one GPU per process).
 
-rank, world_size, device = init_distributed()          # WORLD_SIZE > 1: nccl on GPUs, gloo on CPU
+rank, world_size, device = join_torchrun()          # WORLD_SIZE > 1: nccl on GPUs, gloo on CPU
 ...
 barrier()                                               # no-op in a single process
 """
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+def join_torchrun(device: str | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), if any.
     Returns (rank, world_size, device): cuda:LOCAL_RANK when CUDA is there, else the CPU, unless
     `device` names one explicitly (single-process runs)."""

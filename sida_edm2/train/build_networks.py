@@ -1,4 +1,4 @@
-"""The networks of a run, built from the teacher (DESIGN.md 3, Algorithms 1 and 3).
+"""The networks of a run, built from the teacher (Algorithms 1 and 3; docs/ARCHITECTURE.md).
 
     nets = build_networks(cfg)                  # everything below, per method
     teacher, manifest = load_teacher(cfg)       # frozen EDM2 Precond, checked against the preset and data
@@ -12,9 +12,7 @@ Precond of the preset, in the fake score's place.
 """
 
 import dataclasses
-import random
 
-import numpy as np
 import torch
 
 from sida_edm2.io.network_files import CheckpointError, load_network
@@ -23,13 +21,6 @@ from sida_edm2.model.presets import get_preset
 from sida_edm2.train.config import ConfigError, TrainConfig
 
 LOGVAR_PREFIX = "logvar_"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _shapes(state: dict) -> dict[str, tuple]:

@@ -14,17 +14,18 @@ import os
 from pathlib import Path
 
 from sida_edm2.model.presets import get_preset
-from sida_edm2.train.losses import METHODS
+from sida_edm2.train.losses import DISTILLATION_METHODS
 
 # The distillation methods, plus "edm2": training an EDM2 teacher from scratch with EDM2's loss (the
 # fake-score loss on real data), for the demo and the toy reproduction, where no official teacher exists.
-TRAIN_METHODS = (*METHODS, "edm2")
+TRAIN_METHODS = (*DISTILLATION_METHODS, "edm2")
 # EDM2's own Adam settings, the defaults of method "edm2" (the presets hold SiDA's).
 EDM2_ADAM = {"adam_betas": (0.9, 0.99), "adam_eps": 1e-8}
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_CHOICES = ("auto", "bf16", "fp16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
 
-# Preset keys that become TrainConfig fields of the same name when the command line leaves them unset.
+# Preset keys that become TrainConfig fields of the same name when the command line leaves them unset
+# (with adam_betas and adam_eps, converted below).
 _PRESET_FIELDS = (
     "batch",
     "batch_gpu",
@@ -51,7 +52,8 @@ class ConfigError(ValueError):
     """A user-facing configuration problem (the CLI prints the message without a traceback)."""
 
 
-@dataclasses.dataclass
+# Fields without a default come from the preset (resolve_config): SiDA's defaults live only there.
+@dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     preset: str  # Name in sida_edm2.model.presets.PRESETS: network architecture and default hyper-parameters.
     run_dir: str  # Output directory; rerunning with the same run_dir resumes from its last checkpoint.
@@ -59,36 +61,36 @@ class TrainConfig:
     method: str = "sida"  # "sid" (data-free), "sida", "sid2a" (SiDA from a SiD generator) or "edm2".
     init_generator: str | None = None  # Generator to start from (.pkl or export); required for sid2a.
     data: str | None = None  # Latent shard directory (encode_dataset.py output); required for sida/sid2a.
-    batch: int = 2048  # Images per optimizer step over all GPUs.
-    batch_gpu: int = 64  # Images per GPU per micro-batch (accumulation covers the rest).
+    batch: int  # Images per optimizer step over all GPUs.
+    batch_gpu: int  # Images per GPU per micro-batch (accumulation covers the rest).
     zero_stage: int = (
         2  # DeepSpeed ZeRO stage (0-3) of G and the fake score; selects ds_configs/zero<N>.json.
     )
     ds_config: str | None = None  # Own DeepSpeed JSON instead of ds_configs/zero<stage>.json.
     precision: str = "auto"  # "bf16", "fp16" (dynamic loss scaling), "fp32"; auto: bf16 on GPU, fp32 on CPU.
-    alpha: float = 1.0  # SiD's alpha.
-    lambda_sid: float = 100.0  # Weight of the SiD generator term.
-    lambda_adv_theta: float = 0.01  # Weight of the adversarial generator term.
-    lambda_adv_psi: float = 100.0  # Weight of the discriminator loss in the fake-score update.
-    fake_only_kimg: float = 100.0  # Generator kimg during which only the fake score trains.
-    sid_only_kimg: float = 200.0  # Generator kimg up to which G trains on the SiD term alone.
-    tmax: float = 0.8  # Generator-update noise: t ~ U(0, tmax).
-    sigma_init: float = 2.5  # The generator's fixed input noise level.
-    lr: float = 5e-5  # Adam learning rate of G and the fake score.
-    adam_betas: tuple[float, float] = (0.0, 0.999)  # Adam betas (Table 7).
-    adam_eps: float = 1e-6  # Adam epsilon (Table 7).
-    ema_mimg: float = 2.0  # EMA half-life of G in Mimg (ramp-up ratio 0.05).
+    alpha: float  # SiD's alpha.
+    lambda_sid: float  # Weight of the SiD generator term.
+    lambda_adv_theta: float  # Weight of the adversarial generator term.
+    lambda_adv_psi: float  # Weight of the discriminator loss in the fake-score update.
+    fake_only_kimg: float  # Generator kimg during which only the fake score trains.
+    sid_only_kimg: float  # Generator kimg up to which G trains on the SiD term alone.
+    tmax: float  # Generator-update noise: t ~ U(0, tmax).
+    sigma_init: float  # The generator's fixed input noise level.
+    lr: float  # Adam learning rate of G and the fake score.
+    adam_betas: tuple[float, float]  # Adam betas (Table 7).
+    adam_eps: float  # Adam epsilon (Table 7).
+    ema_mimg: float  # EMA half-life of G in Mimg (ramp-up ratio 0.05).
     max_kimg: float = 100_000.0  # Stop after this many generator kimg.
     checkpoint_kimg: float = 500.0  # Checkpoint + export interval.
     tick_kimg: float = 50.0  # Progress-line / stats interval.
     grid_kimg: float | None = None  # Sample-grid interval (None: every checkpoint).
     seed: int = 0  # Seeds the networks' noise, the data order and the generator's noise.
-    force_norm: bool = True  # Forced weight normalisation of the master weights after each step.
+    force_norm: bool  # Forced weight normalisation of the master weights after each step.
     activation_checkpointing: bool = False  # Recompute each UNet block in backward to save memory.
     teacher_zero3: bool = False  # Partition the frozen teacher with a ZeRO-3 inference engine.
     # Speed switches (sida_edm2.model.speed); none changes the results beyond float rounding.
     weight_cache: bool = True  # Teacher weights baked; the frozen fake score's cached in the G update.
-    weight_recompute: bool = True  # Recompute MPConv weights in backward instead of keeping copies.
+    weight_recompute: bool  # Recompute MPConv weights in backward instead of keeping copies.
     channels_last: bool = False  # Run the UNets on channels-last activations.
     compile: bool = False  # torch.compile every UNet block of the three networks.
     keep_checkpoints: int = 3  # Checkpoints kept on disk (the newest K).
@@ -130,11 +132,9 @@ def resolve_config(preset: str, run_dir: str, external_data: bool = False, **ove
     unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
-    fields = {name: values[name] for name in _PRESET_FIELDS if name in values}
-    if "adam_betas" in values:
-        fields["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
-    if "adam_eps" in values:
-        fields["adam_eps"] = float(values["adam_eps"])
+    fields = {name: values[name] for name in _PRESET_FIELDS}
+    fields["adam_betas"] = tuple(float(b) for b in values["adam_betas"])
+    fields["adam_eps"] = float(values["adam_eps"])
     if overrides.get("method") == "edm2":
         fields.update(EDM2_ADAM)
     fields.update({k: v for k, v in overrides.items() if v is not None})
@@ -147,8 +147,8 @@ def validate(cfg: TrainConfig, external_data: bool = False) -> None:
     """Checks that need no files besides the run directory; file checks happen when they are opened."""
     if cfg.method not in TRAIN_METHODS:
         raise ConfigError(f"--method must be one of {TRAIN_METHODS}, got {cfg.method!r}")
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    if cfg.precision not in PRECISION_CHOICES:
+        raise ConfigError(f"--precision must be one of {PRECISION_CHOICES}, got {cfg.precision!r}")
     if cfg.zero_stage not in ZERO_STAGES:
         raise ConfigError(f"--zero-stage must be one of {ZERO_STAGES}, got {cfg.zero_stage}")
     if cfg.method == "sid2a" and not cfg.init_generator:

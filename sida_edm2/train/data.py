@@ -1,4 +1,4 @@
-"""What the distillation loop draws each iteration: real latent batches, class labels, noise.
+"""What the distillation loop draws each iteration: real latent batches, class labels, noise; and its seeds.
 
 Reproducibility contract (what makes a resumed run bit-identical to an uninterrupted one):
 - The real-data stream is a deterministic function of (seed, rank, segment), a segment being the span
@@ -12,6 +12,7 @@ Reproducibility contract (what makes a resumed run bit-identical to an uninterru
 """
 
 import dataclasses
+import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -21,6 +22,13 @@ import torch
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers (e.g. (seed, rank, segment)) via NumPy's SeedSequence hashing."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 class LabelSampler:

@@ -6,6 +6,13 @@ read the masters whole (tests, consolidated exports).
     for name, value in visit_master_weights(engine, normalize=True):   # once per optimizer step
         ema.update(name, value, beta)
 
+    masters = GatheredMasters(engine, normalize=True, keeps_ema=True, check_grads=False)
+    masters.start(ema)                  # a start without checkpoint: normalised masters, EMA := masters
+    skipped = masters.step(beta, ema)   # engine.step(); at the accumulation boundary: skipped or not
+
+GatheredMasters and flat_master.FlatMasters are the two implementations of one small interface the
+Trainer uses (start, step, gather_ema, scatter_ema); engines.build_engines picks one per engine.
+
 Where the master weights live (DeepSpeed 0.19.8):
 - ZeRO 1/2 and bf16 at stage 0: flat fp32 partitions behind `param._hp_mapping`; the module's parameter
   (bf16 or fp32) is a separate working copy that DeepSpeed refreshes from them after each step.
@@ -85,6 +92,54 @@ def normalize_master_weights_(engine) -> None:
     """Forced weight normalisation of the engine's master weights (and working copy), nothing else."""
     for _ in visit_master_weights(engine, normalize=True):
         pass
+
+
+def update_masters_(engine, normalize: bool, ema, keeps_ema: bool, beta: float) -> None:
+    """Normalise the masters (normalize) and, for the engine that keeps the EMA, move `ema` (a NetworkEMA
+    on rank 0, None elsewhere) towards them with `beta` (0 copies them). Collective."""
+    if keeps_ema:
+        for name, value in visit_master_weights(engine, normalize=normalize):
+            if ema is not None:
+                ema.update(name, value, beta)
+    elif normalize:
+        normalize_master_weights_(engine)
+
+
+class GatheredMasters:
+    """Forced normalisation and the EMA from the masters gathered whole after each step (ZeRO-0/3)."""
+
+    def __init__(
+        self,
+        engine,  # the DeepSpeed engine
+        normalize: bool,  # forced weight normalisation after every step taken
+        keeps_ema: bool,  # this engine's network is the one the EMA follows
+        check_grads: bool,  # skip steps with non-finite gradients here (stage 0 fp32: nothing else does)
+    ):
+        self.engine, self.normalize = engine, normalize
+        self.keeps_ema, self.check_grads = keeps_ema, check_grads
+
+    def start(self, ema) -> None:
+        """A start without checkpoint: normalised masters, EMA := masters. Collective."""
+        update_masters_(self.engine, self.normalize, ema, self.keeps_ema, beta=0.0)
+
+    def step(self, beta: float, ema) -> bool | None:
+        """engine.step(); at the accumulation boundary also the normalisation and EMA of a step taken, and
+        whether the step was skipped for non-finite gradients (None between boundaries)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        dropped = boundary and self.check_grads and drop_nonfinite_grads_(self.engine)
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()
+        if not boundary:
+            return None
+        skipped = dropped or self.engine.skipped_steps != skipped_before
+        update_masters_(self.engine, self.normalize and not skipped, ema, self.keeps_ema, beta)
+        return skipped
+
+    def gather_ema(self, ema) -> None:
+        """Nothing to gather: `ema` itself is updated after every step."""
+
+    def scatter_ema(self, ema) -> None:
+        """Nothing to scatter: `ema` itself, as loaded from a checkpoint, is the EMA."""
 
 
 def master_state_dict(engine) -> dict[str, torch.Tensor]:

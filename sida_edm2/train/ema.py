@@ -12,10 +12,31 @@ it is gathered for checkpoints, exports and grids (Trainer.ema_network()).
 """
 
 import copy
+from collections.abc import Iterable
 
 import torch
 
-from sida_edm2.train.losses import ema_update_
+
+def ema_beta(nimg: int, batch: int, ema_mimg: float = 2.0, rampup: float | None = 0.05) -> float:
+    """EMA decay for one step of `batch` images taken at `nimg` images seen (before the step).
+
+    halflife = min(ema_mimg*1e6, rampup*nimg) (rampup None: no ramp-up); beta = 0.5 ** (batch / halflife),
+    with the halflife floored at 1e-8 so that nimg = 0 gives beta = 0 (the EMA copies the weights).
+    """
+    halflife = ema_mimg * 1e6
+    if rampup is not None:
+        halflife = min(halflife, rampup * nimg)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update_(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], beta: float) -> None:
+    """In place: ema <- beta*ema + (1-beta)*param for each pair (param cast to the EMA's dtype)."""
+    ema_list, param_list = list(ema_params), list(params)
+    if len(ema_list) != len(param_list):
+        raise ValueError(f"{len(ema_list)} EMA tensors vs {len(param_list)} parameters")
+    for ema, p in zip(ema_list, param_list, strict=True):
+        ema.lerp_(p.detach().to(ema.dtype), 1.0 - beta)
 
 
 class NetworkEMA:

@@ -1,14 +1,16 @@
 """DeepSpeed plumbing of the distillation loop: process group, configs, the two engines, the teacher.
 
     ds = import_deepspeed()                      # CPU: DS_ACCELERATOR=cpu, no shared-memory comm JIT
-    dist_env = init_distributed()                # works under deepspeed/torchrun or as one plain process
+    dist_env = init_deepspeed_distributed()      # works under deepspeed/torchrun or as one plain process
     ds_cfg = build_ds_config(load_ds_config(2), batch_gpu=4, rounds=2, world_size=2, precision="bf16")
     engine_g = make_engine(G, ds_cfg, lr=5e-5, betas=(0.0, 0.999), eps=1e-6)
+    engine_g, engine_f, masters = build_engines(G, F, ds_cfg, adam, force_norm=True, check_grads=False)
 
 G and the fake score each get their own `deepspeed.initialize` with a client `torch.optim.Adam` (plain
 Adam, not AdamW; nothing is JIT-compiled). Micro-batch, accumulation and world size are always set here
 from the run's configuration; the JSON files in ds_configs/ hold only the rest (ZeRO settings, the fp16
-loss-scaler settings). See DESIGN.md section 6 for the facts these choices rest on.
+loss-scaler settings). docs/ARCHITECTURE.md ("DeepSpeed and the ZeRO layouts", "Known traps") gives the
+facts they rest on.
 """
 
 import copy
@@ -22,12 +24,12 @@ from pathlib import Path
 import torch
 import torch.utils.checkpoint
 
+from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.train.config import ConfigError
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 # Keys the run derives from --batch, --batch-gpu, the world size and --precision; a JSON may not set them.
 DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def import_deepspeed():
@@ -59,7 +61,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
+def init_deepspeed_distributed() -> DistEnv:
     """Initialise (once) the process group DeepSpeed uses; works with or without a launcher.
 
     A plain `python train_edm2.py ...` gets single-process defaults for the variables a launcher sets;
@@ -109,8 +111,8 @@ def build_ds_config(base: dict, *, batch_gpu: int, rounds: int, world_size: int,
         raise ConfigError(
             f"DeepSpeed config sets {derived}: these are derived from --batch/--batch-gpu, remove them"
         )
-    if precision not in COMPUTE_DTYPES:
-        raise ValueError(f"precision must be one of {list(COMPUTE_DTYPES)}, got {precision!r}")
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision must be one of {list(PRECISION_DTYPES)}, got {precision!r}")
     if precision != "fp32" and base.get("zero_optimization", {}).get("stage", 0) == 0:
         # Stage 0 in bf16/fp16 wraps the optimizer in FP16_Optimizer, whose fp32 master weights the
         # safe_get/set_full_fp32_param API (and so the forced normalisation) cannot reach; stage 1 costs
@@ -156,6 +158,35 @@ def make_engine(
     return engine
 
 
+def build_engines(
+    G: torch.nn.Module | None,  # the generator (None for method "edm2")
+    F: torch.nn.Module,  # the fake score (method "edm2": the denoiser it trains)
+    ds_config: dict,  # build_ds_config's result
+    adam: dict,  # lr, betas, eps of both client Adams
+    *,
+    force_norm: bool,  # forced weight normalisation of the masters after every step
+    check_grads: bool,  # the loop skips non-finite steps itself (stage 0 in fp32)
+) -> tuple:
+    """(engine of G or None, engine of F, masters by engine): each engine with its master-weight handler,
+    flat_master.FlatMasters under ZeRO-1/2, ds_master.GatheredMasters otherwise. The EMA follows G, or
+    F when there is no G."""
+    from sida_edm2.train.ds_master import GatheredMasters
+    from sida_edm2.train.flat_master import FlatMasters
+
+    engine_g = make_engine(G, ds_config, **adam) if G is not None else None
+    engine_f = make_engine(F, ds_config, **adam)
+    flat_stage = ds_config.get("zero_optimization", {}).get("stage", 0) in (1, 2)
+    ema_engine = engine_f if engine_g is None else engine_g
+    masters = {}
+    for engine in (e for e in (engine_g, engine_f) if e is not None):
+        keeps_ema = engine is ema_engine
+        flat = FlatMasters.attach(engine, normalize=force_norm, ema=keeps_ema)
+        if (flat is not None) != flat_stage:
+            raise RuntimeError("unexpected DeepSpeed optimizer layout for the ZeRO stage of the config")
+        masters[engine] = flat or GatheredMasters(engine, force_norm, keeps_ema, check_grads)
+    return engine_g, engine_f, masters
+
+
 def prepare_teacher(
     teacher: torch.nn.Module,
     device: torch.device,
@@ -173,7 +204,7 @@ def prepare_teacher(
     """
     from sida_edm2.model.speed import bake_effective_weights_
 
-    dtype = COMPUTE_DTYPES[precision] if device.type == "cuda" else torch.float32
+    dtype = PRECISION_DTYPES[precision] if device.type == "cuda" else torch.float32
     teacher.requires_grad_(False).eval()
     teacher.compute_dtype = dtype
     if zero3_config is not None:
@@ -197,6 +228,20 @@ def teacher_zero3_config(ds_config: dict) -> dict:
     cfg = {key: ds_config[key] for key in (*DERIVED_KEYS, "bf16", "fp16")}
     cfg["zero_optimization"] = {"stage": 3, "stage3_param_persistence_threshold": 0}
     return cfg
+
+
+def configure_network(net: torch.nn.Module, cfg) -> int:
+    """The run's activation checkpointing (cfg.activation_checkpointing) and speed switches
+    (sida_edm2.model.speed) on one network, the switches after the checkpointing wrappers. Returns the
+    number of blocks recomputed in backward."""
+    from sida_edm2.model import speed
+
+    blocks = enable_activation_checkpointing(net) if cfg.activation_checkpointing else 0
+    speed.configure_network(
+        net, weight_recompute=cfg.weight_recompute, checkpointed_blocks=cfg.activation_checkpointing,
+        channels_last=cfg.channels_last, compile=cfg.compile,
+    )  # fmt: skip
+    return blocks
 
 
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:

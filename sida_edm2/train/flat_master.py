@@ -29,6 +29,7 @@ import torch
 
 from sida_edm2.model.mp_layers import NORMALIZE_EPS
 from sida_edm2.model.weight_norm import mp_weight_params
+from sida_edm2.train.ds_master import update_masters_
 
 
 class _RowFragment:
@@ -137,6 +138,25 @@ class FlatMasters:
             rows.div_(divisor[frag.rows, None])
             if not frag.aligned:
                 frag.fragment.copy_(rows.view(-1)[frag.head : frag.head + frag.fragment.numel()])
+
+    def start(self, ema) -> None:
+        """A start without checkpoint: normalised masters, EMA := masters (also into `ema`, a NetworkEMA
+        on rank 0, None elsewhere). Collective."""
+        update_masters_(self.engine, self.normalize, ema, self.ema_enabled, beta=0.0)
+        if self.ema_enabled:
+            self.reset_ema()
+
+    def step(self, beta: float, ema=None) -> bool | None:
+        """engine.step() with the EMA decay `beta` (normalisation and EMA happen inside it); at the
+        accumulation boundary whether the step was skipped (None between boundaries). `ema` is only
+        gathered on demand (gather_ema)."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        skipped_before = self.engine.skipped_steps + self.skipped_steps
+        self.ema_beta = beta
+        self.engine.step()
+        if not boundary:
+            return None
+        return self.engine.skipped_steps + self.skipped_steps != skipped_before
 
     def reset_ema(self) -> None:
         """EMA := the current master partitions (a start without checkpoint)."""

@@ -1,9 +1,9 @@
-"""SiD / SiDA losses, noise levels, phase rule and EMA schedule as pure functions of tensors.
+"""SiD / SiDA losses, noise levels and the phase rule as pure functions of tensors.
 
-Everything here follows DESIGN.md section 5 (the reference implementation's reductions) and the paper's
-Algorithms 1-2 (Appendix B.1). No function calls a network or draws random numbers: the training loop
-does both and passes the tensors in. Loss functions return one float32 value per sample, shape [B],
-computed in float32 whatever the input dtype (bf16/fp16 network outputs are upcast first).
+Everything here follows docs/ARCHITECTURE.md ("The losses": the reference implementation's reductions)
+and the paper's Algorithms 1-2 (Appendix B.1). No function calls a network or draws random numbers: the
+objectives (sida_edm2.train.objectives) do both and pass the tensors in. Loss functions return one float32
+value per sample, shape [B], computed in float32 whatever the input dtype (bf16/fp16 outputs are upcast).
 
 Notation: x_g = generator output, D_phi = teacher denoised, D_psi = fake-score denoised, u = the fake
 score's logvar (shape [B], [B,1,1,1] or a single value), lambda(s) = edm_weight(s). Per-sample sums run
@@ -19,15 +19,13 @@ non-finite (so `finite_sum` drops the whole micro-batch for that term).
 Tests: `python -m pytest tests/test_losses.py`
 """
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 
 SIGMA_DATA = 0.5
 W_MIN = 1e-5  # lower clamp of the SiD normaliser w, as in the reference
 ADV_LOGIT_CLAMP = 10.0  # the generator's adversarial BCE sees logits clamped to [-10, 10]
-METHODS = ("sid", "sida", "sid2a")
+DISTILLATION_METHODS = ("sid", "sida", "sid2a")
 PHASES = ("fake_only", "sid", "sida")
 
 
@@ -204,8 +202,8 @@ def training_phase(nimg: int, fake_only_kimg: float, sid_only_kimg: float, metho
     200_000 is still "sid" and "sida" starts above it. Method "sid" (data-free) never enters "sida";
     "sida" and "sid2a" share the rule. Set fake_only_kimg=0 for no fake-score-only warm-up.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method not in DISTILLATION_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {DISTILLATION_METHODS}")
     if nimg < fake_only_kimg * 1000:
         return "fake_only"
     if method == "sid" or nimg <= sid_only_kimg * 1000:
@@ -226,29 +224,3 @@ def generator_loss_weights(phase: str, lambda_sid: float, lambda_adv_theta: floa
     if phase == "fake_only":
         raise ValueError("no generator update in the fake_only phase")
     raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# EMA of the generator.
-
-
-def ema_beta(nimg: int, batch: int, ema_mimg: float = 2.0, rampup: float | None = 0.05) -> float:
-    """EMA decay for one step of `batch` images taken at `nimg` images seen (before the step).
-
-    halflife = min(ema_mimg*1e6, rampup*nimg) (rampup None: no ramp-up); beta = 0.5 ** (batch / halflife),
-    with the halflife floored at 1e-8 so that nimg = 0 gives beta = 0 (the EMA copies the weights).
-    """
-    halflife = ema_mimg * 1e6
-    if rampup is not None:
-        halflife = min(halflife, rampup * nimg)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def ema_update_(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tensor], beta: float) -> None:
-    """In place: ema <- beta*ema + (1-beta)*param for each pair (param cast to the EMA's dtype)."""
-    ema_list, param_list = list(ema_params), list(params)
-    if len(ema_list) != len(param_list):
-        raise ValueError(f"{len(ema_list)} EMA tensors vs {len(param_list)} parameters")
-    for ema, p in zip(ema_list, param_list, strict=True):
-        ema.lerp_(p.detach().to(ema.dtype), 1.0 - beta)

@@ -6,7 +6,7 @@ Layout under <run-dir>:
     checkpoints/ckpt-<iteration:08d>/   G/ and F/ (DeepSpeed checkpoints of both engines, optimizer
                                         included), ema.pt, state.json (counters, configuration),
                                         rng-rank<r>.pt (every RNG state of rank r)
-    export-<kimg:07d>.safetensors/.json the EMA generator at each checkpoint (checkpoints.save_export)
+    export-<kimg:07d>.safetensors/.json the EMA generator at each checkpoint (network_files.save_export)
     export-latest.safetensors/.json     the newest of those (decode_samples.py looks for this name)
 
 A checkpoint is assembled in checkpoints/.tmp-<name>/ and renamed when every rank has written its part,

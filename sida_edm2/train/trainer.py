@@ -11,7 +11,7 @@
     for _ in range(10):
         trainer.run_iteration()
 
-One iteration (paper Algorithms 1-3, DESIGN.md sections 5-6), B = batch_gpu, R accumulation rounds:
+One iteration (Algorithms 1-3; docs/ARCHITECTURE.md, "One iteration"), B = batch_gpu, R accumulation rounds:
  1. Fake-score update, R rounds: x_g = G(sigma_init z) without grad (eval mode); x_t = x_g + s eps with
     ln s ~ N(-0.4, 1); the fake score (train mode) gives D_psi, the fake logits and logvar u; SiDA also
     runs it on the real batch noised with the same s, eps and labels (encoder only). Loss = (sum DSM +
@@ -38,26 +38,26 @@ from pathlib import Path
 
 import torch
 
-from sida_edm2.model import speed
+from sida_edm2.model.networks import PRECISION_DTYPES
+from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
-from sida_edm2.train.build_networks import build_networks, seed_everything
+from sida_edm2.train.build_networks import build_networks
 from sida_edm2.train.config import TrainConfig, check_inputs_exist
-from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data
-from sida_edm2.train.ds_master import drop_nonfinite_grads_, normalize_master_weights_, visit_master_weights
-from sida_edm2.train.ema import NetworkEMA
-from sida_edm2.train.flat_master import FlatMasters
-from sida_edm2.train.log import RunLog, TickStats, save_sample_grid, tick_values
+from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data, seed_everything
+from sida_edm2.train.ema import NetworkEMA, ema_beta
+from sida_edm2.train.log import RunLog, TickStats, tick_values
 from sida_edm2.train.losses import (
-    adversarial_generator_loss,
-    discriminator_loss,
-    ema_beta,
     fake_score_loss,
     fake_score_sigma,
     finite_sum,
     generator_loss_weights,
-    generator_sigma,
-    sid_generator_loss,
     training_phase,
+)
+from sida_edm2.train.objectives import (
+    fake_score_objective,
+    freeze_fake_score,
+    generator_objective,
+    thaw_fake_score,
 )
 from sida_edm2.train.run_checkpoints import (
     capture_rng,
@@ -83,9 +83,9 @@ class Trainer:
         self.cfg = cfg
         self.rounds = cfg.accumulation_rounds(engines.world_size_from_env())
         nets = build_networks(cfg)
-        G, F, self.manifest = nets.generator, nets.denoiser, nets.manifest
+        self.manifest = nets.manifest
 
-        self.env = engines.init_distributed()
+        self.env = engines.init_deepspeed_distributed()
         self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
         self.precision = cfg.resolved_precision(self.device.type == "cuda")
         self.use_real_data = cfg.method != "sid"
@@ -96,62 +96,8 @@ class Trainer:
         self.log = RunLog(cfg.run_dir, self.rank)
         seed_everything(derived_seed(cfg.seed, self.rank))
         self.noise = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.rank, 1 << 20))
-        compute_dtype = (
-            engines.COMPUTE_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
-        )
-        trained = [net for net in (G, F) if net is not None]
-        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
-        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.train.flat_master): this
-        # copy is only where it is gathered for checkpoints and exports, so it stays in host memory.
-        ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
-        self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
-        speed_options = dict(
-            weight_recompute=cfg.weight_recompute,
-            checkpointed_blocks=cfg.activation_checkpointing,
-            channels_last=cfg.channels_last,
-            compile=cfg.compile,
-        )
-        for net in trained:
-            net.compute_dtype = compute_dtype
-            if cfg.activation_checkpointing:
-                blocks = engines.enable_activation_checkpointing(net)
-                self.log.message(f"activation checkpointing: {blocks} blocks recomputed in backward")
-            speed.configure_network(net, **speed_options)  # after the checkpointing wrappers
-        self.latent_shape = [F.img_channels, F.img_resolution, F.img_resolution]
-        self.labels = LabelSampler(
-            F.label_dim, self.manifest["class_counts"] if self.manifest else None, self.device
-        )
-        ds_config = engines.build_ds_config(
-            engines.load_ds_config(cfg.zero_stage, cfg.ds_config),
-            batch_gpu=cfg.batch_gpu,
-            rounds=self.rounds,
-            world_size=self.world_size,
-            precision=self.precision,
-        )
-        adam = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
-        self.engine_g = engines.make_engine(G, ds_config, **adam) if G is not None else None
-        self.engine_f = engines.make_engine(F, ds_config, **adam)
-        self.ema_engine = self.engine_f if G is None else self.engine_g
-        # ZeRO-1/2: normalisation and EMA inside the optimizer step, on flat partitions (None otherwise).
-        self.flat = {
-            engine: FlatMasters.attach(engine, normalize=cfg.force_norm, ema=engine is self.ema_engine)
-            for engine in (self.engine_g, self.engine_f)
-            if engine is not None
-        }
-        if (self.flat[self.ema_engine] is None) != (cfg.zero_stage not in (1, 2)):
-            raise RuntimeError(f"ZeRO stage {cfg.zero_stage}: unexpected DeepSpeed optimizer layout")
-        # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
-        self.check_grads_here = cfg.zero_stage == 0 and self.precision == "fp32"
-        zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
-        self.teacher = None
-        if nets.teacher is not None:
-            self.teacher = engines.prepare_teacher(
-                nets.teacher, self.device, self.precision, zero3_teacher, bake_weights=cfg.weight_cache
-            )
-            # Its activations serve only G's input gradient: recomputed like the trained networks'.
-            if cfg.activation_checkpointing:
-                engines.enable_activation_checkpointing(self.teacher)
-            speed.configure_network(self.teacher, **speed_options)
+        self._build_engines(nets)
+        self.ema_engine = self.engine_f if self.engine_g is None else self.engine_g
 
         self.nimg = self.iteration = self.segment = 0
         self.skipped = {"steps_g": 0, "steps_f": 0}  # optimizer steps skipped for non-finite gradients
@@ -159,6 +105,44 @@ class Trainer:
         self._resume_or_start()
         self.data = data_iter if data_iter is not None else self._open_segment_data()
         self._external_data = data_iter is not None
+
+    def _build_engines(self, nets) -> None:
+        """The EMA, both engines with their master-weight handlers, and the teacher, each network with
+        the run's compute dtype, activation checkpointing and speed switches."""
+        cfg, G, F = self.cfg, nets.generator, nets.denoiser
+        trained = [net for net in (G, F) if net is not None]
+        # The EMA follows G, or the network that "edm2" trains; it is copied before any wrapping. Under
+        # ZeRO-1/2 the EMA itself lives on the GPUs as flat partitions (sida_edm2.train.flat_master): this
+        # copy is only where it is gathered for checkpoints and exports, so it stays in host memory.
+        ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
+        self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
+        compute_dtype = PRECISION_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
+        for net in trained:
+            net.compute_dtype = compute_dtype
+            blocks = engines.configure_network(net, cfg)
+            if blocks:
+                self.log.message(f"activation checkpointing: {blocks} blocks recomputed in backward")
+        self.latent_shape = [F.img_channels, F.img_resolution, F.img_resolution]
+        self.labels = LabelSampler(
+            F.label_dim, self.manifest["class_counts"] if self.manifest else None, self.device
+        )
+        ds_config = engines.build_ds_config(
+            engines.load_ds_config(cfg.zero_stage, cfg.ds_config),
+            batch_gpu=cfg.batch_gpu, rounds=self.rounds, world_size=self.world_size, precision=self.precision,
+        )  # fmt: skip
+        # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
+        self.engine_g, self.engine_f, self.masters = engines.build_engines(
+            G, F, ds_config, dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps),
+            force_norm=cfg.force_norm, check_grads=cfg.zero_stage == 0 and self.precision == "fp32",
+        )  # fmt: skip
+        self.teacher = None
+        if nets.teacher is not None:
+            zero3_teacher = engines.teacher_zero3_config(ds_config) if cfg.teacher_zero3 else None
+            self.teacher = engines.prepare_teacher(
+                nets.teacher, self.device, self.precision, zero3_teacher, bake_weights=cfg.weight_cache
+            )
+            # Its activations serve only G's input gradient: recomputed like the trained networks'.
+            engines.configure_network(self.teacher, cfg)
 
     # ------------------------------------------------------------------------------------------------
     # One iteration.
@@ -194,72 +178,46 @@ class Trainer:
         F.module.train()
         for r in range(self.rounds):
             noise = step.micro_batch(r, B)
-            labels = noise.labels
-            if self.use_real_data:
-                x_real, labels = self._next_real_batch()
-            with torch.no_grad():
-                x_g = G(cfg.sigma_init * noise.z, cfg.sigma_init, labels)
-            sigma = fake_score_sigma(noise.level)
-            s = sigma.reshape(-1, 1, 1, 1)
-            x_t = x_g + s * noise.eps
-            if self.use_real_data:
-                denoised, logits_fake, logvar = F(x_t, sigma, labels, return_logvar=True, output="both")
-                logits_real = F(x_real + s * noise.eps, sigma, labels, output="disc")
-            else:
-                denoised, logvar = F(x_t, sigma, labels, return_logvar=True)
-            dsm, dsm_dropped = finite_sum(fake_score_loss(denoised, x_g, sigma, logvar))
-            loss = dsm
-            self.stats.add("loss/fake_score", dsm, B - dsm_dropped)
-            self.stats.add("skipped/samples/count", dsm_dropped)
-            if self.use_real_data:
-                disc, disc_dropped = finite_sum(discriminator_loss(logits_real, logits_fake, sigma, logvar))
-                loss = loss + cfg.lambda_adv_psi * disc
-                self.stats.add("loss/discriminator", disc, B - disc_dropped)
-                self.stats.add("skipped/samples/count", disc_dropped)
-            F.backward(loss / step_batch, scale_wrt_gas=False)
+            x_real, labels = self._next_real_batch() if self.use_real_data else (None, noise.labels)
+            terms = fake_score_objective(
+                G, F, noise.z, noise.eps, noise.level, labels, x_real,
+                sigma_init=cfg.sigma_init, lambda_adv_psi=cfg.lambda_adv_psi,
+            )  # fmt: skip
+            self.stats.add("loss/fake_score", terms.dsm, B - terms.dsm_dropped)
+            self.stats.add("skipped/samples/count", terms.dsm_dropped)
+            if terms.disc is not None:
+                self.stats.add("loss/discriminator", terms.disc, B - terms.disc_dropped)
+                self.stats.add("skipped/samples/count", terms.disc_dropped)
+            F.backward(terms.loss / step_batch, scale_wrt_gas=False)
             self._step(F, "steps_f")
 
     def generator_update(self, phase: str) -> None:
         """R micro-batches of the generator loss of `phase` ("sid" or "sida"); one optimizer step + EMA."""
         cfg, B = self.cfg, self.cfg.batch_gpu
         step_batch = B * self.rounds
-        w_sid, w_adv = generator_loss_weights(phase, cfg.lambda_sid, cfg.lambda_adv_theta)
+        weights = generator_loss_weights(phase, cfg.lambda_sid, cfg.lambda_adv_theta)
         step = draw_step_noise(
             self.noise, step_batch, self.latent_shape, uniform_level=True, labels=self.labels
         )
         G, F = self.engine_g, self.engine_f.module
         G.module.train()
-        # The fake score serves as a frozen function here (DESIGN.md 6): no parameter gradients, called
-        # through .module so that its engine sees no forward/backward of its own.
-        F.eval().requires_grad_(False)
-        # Its weights stay fixed through this update: their effective weights are computed once (freed
-        # at the end, before its next optimizer step changes them).
-        speed.cache_effective_weights(F, cfg.weight_cache)
+        # Called through .module so that its engine sees no forward/backward of its own.
+        freeze_fake_score(F, cfg.weight_cache)
         try:
             for r in range(self.rounds):
                 noise = step.micro_batch(r, B)
-                x_g = G(cfg.sigma_init * noise.z, cfg.sigma_init, noise.labels)
-                sigma = generator_sigma(noise.level * cfg.tmax)
-                x_t = x_g + sigma.reshape(-1, 1, 1, 1) * noise.eps
-                d_teacher = self.teacher(x_t, sigma, noise.labels)
-                if w_adv:
-                    d_fake, logits, logvar = F(x_t, sigma, noise.labels, return_logvar=True, output="both")
-                else:
-                    d_fake, logvar = F(x_t, sigma, noise.labels, return_logvar=True)
-                sid = sid_generator_loss(d_teacher, d_fake, x_g, logvar, alpha=cfg.alpha)
-                per_sample = w_sid * sid
-                self._log_mean("loss/sid", sid)
-                if w_adv:
-                    adv = adversarial_generator_loss(logits, d_teacher, x_g, logvar)
-                    per_sample = per_sample + w_adv * adv
-                    self._log_mean("loss/adversarial", adv)
-                total, dropped = finite_sum(per_sample)
-                self.stats.add("skipped/samples/count", dropped)
-                G.backward(total / step_batch, scale_wrt_gas=False)
+                terms = generator_objective(
+                    G, F, self.teacher, noise.z, noise.eps, noise.level, noise.labels,
+                    sigma_init=cfg.sigma_init, tmax=cfg.tmax, alpha=cfg.alpha, weights=weights,
+                )  # fmt: skip
+                self._log_mean("loss/sid", terms.sid)
+                if terms.adversarial is not None:
+                    self._log_mean("loss/adversarial", terms.adversarial)
+                self.stats.add("skipped/samples/count", terms.dropped)
+                G.backward(terms.loss / step_batch, scale_wrt_gas=False)
                 self._step(G, "steps_g")
         finally:
-            speed.cache_effective_weights(F, False)
-            F.requires_grad_(True)
+            thaw_fake_score(F)
 
     def denoiser_update(self) -> None:
         """Method "edm2": R micro-batches of EDM2's loss (logvar-weighted DSM) on real latents."""
@@ -286,30 +244,13 @@ class Trainer:
         self.stats.add(name, total, per_sample.shape[0] - dropped)
 
     def _step(self, engine, counter: str) -> None:
-        """engine.step() after every micro-batch; at the accumulation boundary also the skip accounting,
-        the forced weight normalisation and (for G) the EMA."""
-        boundary = engine.is_gradient_accumulation_boundary()
-        dropped = boundary and self.check_grads_here and drop_nonfinite_grads_(engine)
-        flat = self.flat[engine]
-        skipped_before = engine.skipped_steps + (flat.skipped_steps if flat else 0)
+        """engine.step() after every micro-batch (with the forced weight normalisation and, for the EMA's
+        network, the EMA: sida_edm2.train.ds_master / flat_master); at the boundary the skip accounting."""
         beta = ema_beta(self.nimg, self.cfg.batch, self.cfg.ema_mimg)
-        if flat is not None:
-            flat.ema_beta = beta
-        engine.step()
-        if not boundary:
-            return
-        skipped = dropped or engine.skipped_steps + (flat.skipped_steps if flat else 0) != skipped_before
-        self.skipped[counter] += int(skipped)
-        self.stats.add("skipped/steps/count", int(skipped))
-        if flat is not None:  # normalised (and the EMA moved) inside the step
-            return
-        normalize = self.cfg.force_norm and not skipped
-        if engine is self.ema_engine:
-            for name, value in visit_master_weights(engine, normalize=normalize):
-                if self.ema is not None:
-                    self.ema.update(name, value, beta)
-        elif normalize:
-            normalize_master_weights_(engine)
+        skipped = self.masters[engine].step(beta, self.ema)
+        if skipped is not None:
+            self.skipped[counter] += int(skipped)
+            self.stats.add("skipped/steps/count", int(skipped))
 
     def _next_real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         latents, onehot = next(self.data)
@@ -327,9 +268,7 @@ class Trainer:
     def ema_network(self, device: torch.device | None = None) -> torch.nn.Module | None:
         """The EMA network, up to date (rank 0; None elsewhere), where it is kept (host memory under
         ZeRO-1/2) or as a copy on `device`. Collective: every rank must call it."""
-        flat = self.flat[self.ema_engine]
-        if flat is not None:
-            flat.gather_ema(self.ema)
+        self.masters[self.ema_engine].gather_ema(self.ema)
         if self.ema is None:
             return None
         module = self.ema.module
@@ -347,20 +286,14 @@ class Trainer:
     def _resume_or_start(self) -> None:
         latest = find_latest(self.cfg.run_dir)
         if latest is None:
-            if self.cfg.force_norm and self.engine_g is not None:
-                normalize_master_weights_(self.engine_f)
-            for name, value in visit_master_weights(self.ema_engine, normalize=self.cfg.force_norm):
-                if self.ema is not None:
-                    self.ema.update(name, value, beta=0.0)
-            if self.flat[self.ema_engine] is not None:
-                self.flat[self.ema_engine].reset_ema()
+            for masters in self.masters.values():
+                masters.start(self.ema)
             self.log.message(f"starting {self.cfg.method} in {self.cfg.run_dir}")
             return
         state = read_state(latest)
         changed = check_resume_config(state["config"], self._run_config())
         rng = load_checkpoint(latest, self._engines(), self.ema, self.rank)
-        if self.flat[self.ema_engine] is not None:
-            self.flat[self.ema_engine].scatter_ema(self.ema)
+        self.masters[self.ema_engine].scatter_ema(self.ema)
         self.nimg, self.iteration, self.segment = state["nimg"], state["iteration"], state["segment"]
         self.skipped = state["skipped"]
         restore_rng(rng, self.noise)
