@@ -274,18 +274,18 @@ def test_training_phase_thresholds(method):
     phase = lambda n: L.training_phase(n, 100, 200, method)  # noqa: E731
     assert phase(0) == "fake_only"
     assert phase(99_999) == "fake_only"
-    assert phase(100_000) == "sid"  # Algorithm 1 line 10: G trains from nimg >= 100k
-    assert phase(200_000) == "sid"  # line 12: b = 0 while nimg <= 200k
+    assert phase(100_000) == "fake_only"  # the release: G steps only once more than 100k images were seen
+    assert phase(100_001) == "sid"
+    assert phase(200_000) == "sid"  # b = 0 while nimg <= 200k
     assert phase(200_001) == "sida"
-    assert L.training_phase(0, 0, 0, method) == "sid"
+    assert L.training_phase(0, 0, 0, method) == "fake_only"
     assert L.training_phase(1, 0, 0, method) == "sida"
 
 
-def test_sid_method_never_adversarial():
-    assert L.training_phase(99_999, 100, 200, "sid") == "fake_only"
-    for nimg in (100_000, 200_000, 200_001, 10**9):
+def test_sid_method_trains_generator_from_the_start_and_never_adversarial():
+    # The release has no fake-score-only warm-up without the adversarial loss.
+    for nimg in (0, 99_999, 100_000, 200_000, 200_001, 10**9):
         assert L.training_phase(nimg, 100, 200, "sid") == "sid"
-    assert L.training_phase(0, 0, 200, "sid") == "sid"
     with pytest.raises(ValueError, match="unknown method"):
         L.training_phase(0, 100, 200, "SiDA")
 

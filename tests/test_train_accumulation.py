@@ -3,12 +3,12 @@ plain-PyTorch reference of the same loop (torch.optim.Adam, forced normalisation
 
     python -m pytest tests/test_train_accumulation.py
 
-Method `sid` (fake-score-only, then SiD phases): its losses are sums of per-sample terms, so splitting a
-step's samples into micro-batches only changes the order of floating-point sums. The SiDA
-discriminator and adversarial terms average their BCE over each micro-batch's whole map (paper eqs.
-7, 10), so they depend on the micro-batch split by design and are not expected to match across
-splits. The DeepSpeed runs are single processes (see RUNS) so that the reference, which draws the same
-noise, sees the same samples.
+Method `sid` (the SiD phase from the first iteration on, as the release trains it): its losses are sums
+of per-sample terms, so splitting a step's samples into micro-batches only changes the order of
+floating-point sums. The SiDA discriminator and adversarial terms average their BCE over each
+micro-batch's whole map (paper eqs. 7, 10), so they depend on the micro-batch split by design and are
+not expected to match across splits. The DeepSpeed runs are single processes (see RUNS) so that the
+reference, which draws the same noise, sees the same samples.
 
 Adam is nearly invariant to the scale of the loss (g / (sqrt(v) + eps) with eps = 1e-6), so with the
 training settings a loss divided by R once too often (DeepSpeed's backward does that by default) would
@@ -37,7 +37,7 @@ from sida_edm2.train.losses import (
     training_phase,
 )
 
-ITERATIONS = 3  # fake-score only, then two SiD iterations
+ITERATIONS = 3  # three SiD iterations: no fake-score-only warm-up without the adversarial loss
 BATCH, SEED, FAKE_ONLY_KIMG = 8, 0, 0.008
 LR, ADAM_EPS = 1.0, 1e4  # see the module docstring
 # name: (ZeRO stage, batch_gpu, further options). The last two runs also show that recomputing blocks in
@@ -127,7 +127,7 @@ def max_difference(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("name", list(RUNS))
 def test_deepspeed_run_matches_plain_pytorch_reference(results, name):
     runs, reference = results
-    assert runs[name]["phases"] == ["fake_only", "sid", "sid"]
+    assert runs[name]["phases"] == ["sid", "sid", "sid"]
     for net in ("G", "F", "ema"):
         assert max_difference(runs[name][net], reference[net]) < 1e-6, (name, net)
 

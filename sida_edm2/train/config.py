@@ -70,7 +70,7 @@ class TrainConfig:
     lambda_sid: float = 100.0  # Weight of the SiD generator term.
     lambda_adv_theta: float = 0.01  # Weight of the adversarial generator term.
     lambda_adv_psi: float = 100.0  # Weight of the discriminator loss in the fake-score update.
-    fake_only_kimg: float = 100.0  # Generator kimg during which only the fake score trains.
+    fake_only_kimg: float = 100.0  # SiDA/SiD2A: generator kimg during which only the fake score trains.
     sid_only_kimg: float = 200.0  # Generator kimg up to which G trains on the SiD term alone.
     tmax: float = 0.8  # Generator-update noise: t ~ U(0, tmax).
     sigma_init: float = 2.5  # The generator's fixed input noise level.

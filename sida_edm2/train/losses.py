@@ -199,16 +199,20 @@ def finite_sum(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def training_phase(nimg: int, fake_only_kimg: float, sid_only_kimg: float, method: str) -> str:
     """Phase at `nimg` generator images seen before this iteration: "fake_only", "sid" or "sida".
 
-    Boundaries follow Algorithm 1: G trains when nimg >= fake_only_kimg*1000 (line 10), so nimg ==
-    100_000 is already "sid"; b = 0 (SiD only) while nimg <= sid_only_kimg*1000 (line 12), so nimg ==
-    200_000 is still "sid" and "sida" starts above it. Method "sid" (data-free) never enters "sida";
-    "sida" and "sid2a" share the rule. Set fake_only_kimg=0 for no fake-score-only warm-up.
+    As the release does: method "sid" (data-free, no adversarial loss) trains G from the first iteration
+    and never enters "sida", whatever the thresholds. "sida" and "sid2a" train only the fake score while
+    nimg <= fake_only_kimg*1000, so G first steps once strictly more than 100,000 images were seen (the
+    paper's Algorithm 1 writes >=); G trains on the SiD term alone while nimg <= sid_only_kimg*1000, so
+    "sida" starts strictly above 200,000. With fake_only_kimg=0 the first iteration (nimg = 0) is the
+    only fake-score-only one.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if nimg < fake_only_kimg * 1000:
+    if method == "sid":
+        return "sid"
+    if nimg <= fake_only_kimg * 1000:
         return "fake_only"
-    if method == "sid" or nimg <= sid_only_kimg * 1000:
+    if nimg <= sid_only_kimg * 1000:
         return "sid"
     return "sida"
 
