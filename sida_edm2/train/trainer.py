@@ -64,11 +64,13 @@ from sida_edm2.train.run_checkpoints import (
     check_resume_config,
     find_latest,
     load_checkpoint,
+    read_pointer,
     read_state,
-    remove_partial_checkpoints,
+    remove_partial_files,
     restore_rng,
     save_checkpoint,
     write_exports,
+    write_pointer,
 )
 
 
@@ -91,7 +93,7 @@ class Trainer:
         self.use_real_data = cfg.method != "sid"
         if self.rank == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            remove_partial_checkpoints(cfg.run_dir)
+            remove_partial_files(cfg.run_dir)
         torch.distributed.barrier()
         self.log = RunLog(cfg.run_dir, self.rank)
         seed_everything(derived_seed(cfg.seed, self.rank))
@@ -364,6 +366,14 @@ class Trainer:
         self.nimg, self.iteration, self.segment = state["nimg"], state["iteration"], state["segment"]
         self.skipped = state["skipped"]
         restore_rng(rng, self.noise)
+        if self.rank == 0:
+            pointer = read_pointer(self.cfg.run_dir)
+            if pointer != latest.name:
+                self.log.message(f"checkpoints/latest named {pointer!r}; newest complete: {latest.name}")
+                write_pointer(self.cfg.run_dir, latest.name)
+            # A kill between the checkpoint and its exports (or a rerun of a finished run) must leave the
+            # exports this checkpoint's EMA gives: rewrite them, they are cheap next to a checkpoint.
+            write_exports(self.ema.module, self.cfg.run_dir, self.nimg)
         self.log.message(
             f"resumed from {latest} at kimg {self.nimg / 1000:.3f}"
             + (f" (changed settings: {', '.join(changed)})" if changed else "")
