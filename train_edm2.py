@@ -168,11 +168,12 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
         }
         click.echo(json.dumps(resolved, indent=1))
         return
+    from latent.reader import UnreadableDataError
     from sida_edm2.train.trainer import train
 
     try:
         train(cfg)
-    except ConfigError as err:
+    except (ConfigError, UnreadableDataError) as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
 
