@@ -259,7 +259,7 @@ def _install_kill(point: str, final_nimg: int) -> None:
 
     import safetensors.torch
 
-    import sida_edm2.training
+    import sida_edm2.train.trainer
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
@@ -274,14 +274,14 @@ def _install_kill(point: str, final_nimg: int) -> None:
 
         safetensors.torch.save_file = save_then_die
     else:
-        write_exports = sida_edm2.training.write_exports
+        write_exports = sida_edm2.train.trainer.write_exports
 
         def die_before_final(module, run_dir, nimg):
             if nimg == final_nimg:
                 die()
             return write_exports(module, run_dir, nimg)
 
-        sida_edm2.training.write_exports = die_before_final
+        sida_edm2.train.trainer.write_exports = die_before_final
 
 
 SCENARIOS = {

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from helpers_train import REPO, cli_args, make_dataset, make_teacher, subprocess_env
 
-from sida_edm2.run_state import ResumeError, find_latest
+from sida_edm2.train.run_checkpoints import ResumeError, find_latest
 
 # 4 iterations of 8 images, checkpoints (and exports) after iterations 2 and 4.
 FIRST, FINAL = "ckpt-00000002", "ckpt-00000004"
