@@ -90,8 +90,10 @@ def _default(field: str):
 @_float_option("--lambda-sid", "Weight of the SiD generator term.")
 @_float_option("--lambda-adv-theta", "Weight of the adversarial generator term.")
 @_float_option("--lambda-adv-psi", "Weight of the discriminator loss.")
-@_float_option("--fake-only-kimg", "Generator kimg of fake-score-only training.")
-@_float_option("--sid-only-kimg", "Generator kimg up to which G trains on the SiD term alone.")
+@_float_option(
+    "--fake-only-kimg", "SiDA/SiD2A: generator kimg of fake-score-only training (sid trains G at once)."
+)
+@_float_option("--sid-only-kimg", "SiDA/SiD2A: generator kimg up to which G trains on the SiD term alone.")
 @_float_option("--tmax", "Generator-update noise t ~ U(0, tmax).")
 @_float_option("--sigma-init", "The generator's input noise level.")
 @_float_option("--lr", "Adam learning rate of G and the fake score.")
@@ -166,11 +168,12 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
         }
         click.echo(json.dumps(resolved, indent=1))
         return
+    from latent.reader import UnreadableDataError
     from sida_edm2.train.trainer import train
 
     try:
         train(cfg)
-    except ConfigError as err:
+    except (ConfigError, UnreadableDataError) as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
 

@@ -15,9 +15,13 @@ scaling is applied. Two modes:
 - resampled=False (one exact pass): the shards, shuffled by (seed, epoch) identically on every rank, are
   split explicitly by rank and then by worker, so every sample is read exactly once per epoch across
   all ranks and workers; the last batch of each worker may be short.
-Seeds are (seed, epoch, rank, worker), so a run is reproducible. Unreadable samples or shards are
-skipped with a warning and counted (`loader.skipped_samples`). Host RAM per worker is bounded by the
-shuffle buffer (compressed-as-stored samples) plus `prefetch_factor` batches, never the dataset.
+Seeds are (seed, epoch, rank, worker), so a run is reproducible. Unreadable shards and samples are
+skipped with a warning (the first few, then every power of ten) and counted (`loader.skipped_shards`,
+`loader.skipped_samples`). When a resampled stream opens shards or meets unreadable items
+`failure_limit(manifest)` times in a row without decoding one sample (every shard corrupt, or empty),
+iterating raises `UnreadableDataError` naming the data folder instead of trying forever. Host RAM per
+worker is bounded by the shuffle buffer (compressed-as-stored samples) plus `prefetch_factor` batches,
+never the dataset.
 """
 
 import logging
@@ -35,22 +39,54 @@ from latent.manifest import read_manifest
 from latent.scaling import scale_latents
 from latent.shard_format import CLS, MEAN, MEAN_FLIP, STD, STD_FLIP, load_npy
 
-__all__ = ["LatentLoader", "make_latent_loader", "read_manifest"]
+__all__ = ["LatentLoader", "UnreadableDataError", "failure_limit", "make_latent_loader", "read_manifest"]
 log = logging.getLogger(__name__)
+WARN_FIRST = 5  # unreadable items warned about one by one; after that only every power of ten
+
+
+class UnreadableDataError(ValueError):
+    """No sample could be read from the data folder within a bounded number of attempts."""
+
+
+def failure_limit(manifest: dict) -> int:
+    """Shard openings plus unreadable shards and samples in a row, with no sample decoded between them,
+    after which a resampled stream gives up. Larger than what a readable dataset gives by chance: the
+    shuffle buffer opens at most 100 shards before its first sample, a shard of only bad samples fails
+    at most its sample count in a row, and with 99% of the shards corrupt, 20 draws per shard in a row
+    all land on corrupt ones with probability 0.99 ** 2000 ~ 2e-9."""
+    shards = manifest["shards"]
+    largest = max((s["num_samples"] for s in shards), default=0)
+    return max(1000, 20 * len(shards) + 2 * largest)
 
 
 class _CountingHandler:
-    """webdataset exception handler: warn, count in a counter shared with the workers, continue."""
+    """webdataset exception handler: warn, count in a counter shared with the workers, continue. Also
+    keeps the stream's streak of attempts without a decoded sample (`attempt`, `succeeded`) and raises
+    UnreadableDataError when it reaches `limit` (None: no limit)."""
 
-    def __init__(self, counter):
-        self.counter = counter
+    def __init__(self, counter, kind: str, streak: list[int], limit: int | None, shard_dir: str):
+        self.counter, self.kind, self.limit, self.shard_dir = counter, kind, limit, shard_dir
+        self.streak = streak  # one-element list shared by a stream's shard and sample handlers
 
     def __call__(self, exn: Exception) -> bool:
         with self.counter.get_lock():
             self.counter.value += 1
             count = self.counter.value
-        log.warning("skipping unreadable latent sample or shard (%d so far): %r", count, exn)
+        if count <= WARN_FIRST or str(count).rstrip("0") == "1":
+            log.warning("skipping unreadable latent %s (%d so far): %r", self.kind, count, exn)
+        self.attempt()
         return True
+
+    def attempt(self) -> None:
+        """One more shard opened or item failed without a sample decoded."""
+        self.streak[0] += 1
+        if self.limit is not None and self.streak[0] >= self.limit:
+            raise UnreadableDataError(
+                f"no training sample could be read from {self.shard_dir} in {self.streak[0]} attempts"
+            )
+
+    def succeeded(self) -> None:
+        self.streak[0] = 0
 
 
 class LatentShardStream(torch.utils.data.IterableDataset):
@@ -70,7 +106,8 @@ class LatentShardStream(torch.utils.data.IterableDataset):
         batches_per_epoch: int | None,  # the rank's batches per epoch (None: endless)
         shuffle_buffer: int,  # samples buffered per worker for shuffling
         return_keys: bool,  # also yield sample keys
-        skipped_counter,  # multiprocessing.Value counting unreadable samples, shared with workers
+        skipped_shards,  # multiprocessing.Value counting unreadable shards, shared with workers
+        skipped_samples,  # the same for unreadable samples
     ):
         super().__init__()
         self.urls = [str(Path(shard_dir) / s["name"]) for s in manifest["shards"]]
@@ -86,11 +123,16 @@ class LatentShardStream(torch.utils.data.IterableDataset):
             shuffle_buffer,
             return_keys,
         )
-        self.handler = _CountingHandler(skipped_counter)
+        # Only an endless (resampled) stream can spin on unreadable data; an exact pass just ends.
+        limit = failure_limit(manifest) if resampled else None
+        streak = [0]
+        self.shard_handler = _CountingHandler(skipped_shards, "shard", streak, limit, shard_dir)
+        self.sample_handler = _CountingHandler(skipped_samples, "sample", streak, limit, shard_dir)
 
     def _shard_urls(self, rng: np.random.Generator, worker: int, num_workers: int) -> Iterator[dict]:
         if self.resampled:
             while True:
+                self.shard_handler.attempt()  # a shard that yields nothing (e.g. all zeros) counts too
                 yield {"url": self.urls[rng.choice(len(self.urls), p=self.weights)]}
         # Same permutation on every rank (no rank in its seed), then disjoint slices: each shard once.
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
@@ -114,10 +156,13 @@ class LatentShardStream(torch.utils.data.IterableDataset):
     def _decoded(self, samples: Iterator[dict], rng: np.random.Generator) -> Iterator[tuple]:
         for sample in samples:
             try:
-                yield self._decode(sample, rng)
+                decoded = self._decode(sample, rng)
             except Exception as exn:  # a bad sample must not end the epoch: count it and go on
                 exn.args = (*exn.args, sample.get("__url__"))
-                self.handler(exn)
+                self.sample_handler(exn)
+                continue
+            self.sample_handler.succeeded()
+            yield decoded
 
     def _batches(self, decoded: Iterator[tuple]) -> Iterator[tuple]:
         while chunk := list(islice(decoded, self.batch_size)):
@@ -133,7 +178,7 @@ class LatentShardStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
         shuffle_rng = random.Random(int(rng.integers(2**62)))
         urls = self._shard_urls(rng, worker, num_workers)
-        samples = wds.tarfile_to_samples(handler=self.handler)(urls)
+        samples = wds.tarfile_to_samples(handler=self.shard_handler)(urls)
         # Start yielding once 100 samples are buffered (webdataset's default); the buffer keeps filling.
         initial = min(self.shuffle_buffer, 100)
         shuffled = wds.shuffle(self.shuffle_buffer, initial=initial, rng=shuffle_rng)(samples)
@@ -177,13 +222,19 @@ class LatentLoader:
             raise ValueError("epoch_samples applies to the resampled mode; a non-resampled epoch is one pass")
         if not resampled and len(self.manifest["shards"]) < world_size * max(1, num_workers):
             log.warning("fewer shards than ranks x workers: some workers of an exact pass get no data")
-        self._skipped = multiprocessing.Value("q", 0)
+        self._skipped_shards = multiprocessing.Value("q", 0)
+        self._skipped_samples = multiprocessing.Value("q", 0)
         self.epoch = 0
 
     @property
+    def skipped_shards(self) -> int:
+        """Shards (or their rest, from the first unreadable byte) skipped, over all epochs so far."""
+        return self._skipped_shards.value
+
+    @property
     def skipped_samples(self) -> int:
-        """Samples (or whole shards) skipped because they could not be read, over all epochs so far."""
-        return self._skipped.value
+        """Samples of readable shards skipped because they could not be decoded, over all epochs so far."""
+        return self._skipped_samples.value
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration uses (it selects the seeds; e.g. when resuming a run)."""
@@ -207,13 +258,25 @@ class LatentLoader:
             batches_per_epoch=self.batches_per_epoch,
             shuffle_buffer=self.shuffle_buffer,
             return_keys=self.return_keys,
-            skipped_counter=self._skipped,
+            skipped_shards=self._skipped_shards,
+            skipped_samples=self._skipped_samples,
         )
         self.epoch += 1
         loader = torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
-        return iter(loader)
+        return self._one_line_errors(iter(loader))
+
+    def _one_line_errors(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """A worker's UnreadableDataError comes back wrapped in its traceback text: make it one line."""
+        try:
+            yield from batches
+        except UnreadableDataError:
+            raise UnreadableDataError(
+                f"no training sample could be read from {self.shard_dir}: {failure_limit(self.manifest)} "
+                f"shard openings and failures in a row without one ({self.skipped_shards} unreadable "
+                f"shards, {self.skipped_samples} unreadable samples; empty shards are not counted)"
+            ) from None
 
 
 def make_latent_loader(

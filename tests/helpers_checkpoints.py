@@ -47,7 +47,7 @@ def edm2_encoder() -> Persistent:
 
 
 @contextlib.contextmanager
-def _stand_in_modules():
+def stand_in_modules():
     def _reconstruct_persistent_obj(meta):
         raise AssertionError("stand-in, never called")
 
@@ -112,7 +112,7 @@ def write_persistence_pickle(
     (`official_layout`: EasyDict with encoder, dataset_kwargs, loss_fn, ema) or like the SiD/SiDA
     release (a plain dict(ema=net)). `class_names` renames classes, e.g. to the release's."""
     names = {id(module): name for module, name in (class_names or {}).items()}
-    with _stand_in_modules() as (reconstruct, EasyDict):
+    with stand_in_modules() as (reconstruct, EasyDict):
         if official_layout:
             loss_fn = Persistent(
                 "EDM2Loss",

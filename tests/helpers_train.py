@@ -239,7 +239,54 @@ def scenario_init(trainer, iterations: int) -> dict:
     return {**result, **_master_report(trainer)}
 
 
-SCENARIOS = {"steps": scenario_steps, "weights": scenario_weights, "init": scenario_init}
+def scenario_train(trainer, iterations: int) -> dict:
+    """The whole run (trainer.train(), `iterations` unused): what train_edm2.py does after parsing."""
+    trainer.train()
+    return {"nimg": trainer.nimg}
+
+
+# Kill points for `kill=...`: the process SIGKILLs itself (no cleanup runs, as with a real kill) ...
+KILL_POINTS = {
+    # ... inside the first export of the run, once its temporary safetensors file is written;
+    "in-export": "safetensors",
+    # ... when the final checkpoint is complete and `latest` names it, before its exports are written.
+    "before-final-exports": "write_exports",
+}
+
+
+def _install_kill(point: str, final_nimg: int) -> None:
+    import signal
+
+    import safetensors.torch
+
+    import sida_edm2.train.trainer
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if KILL_POINTS[point] == "safetensors":
+        save_file = safetensors.torch.save_file
+
+        def save_then_die(tensors, filename, metadata=None):
+            save_file(tensors, filename, metadata=metadata)
+            if Path(filename).name.startswith(".export-"):
+                die()
+
+        safetensors.torch.save_file = save_then_die
+    else:
+        write_exports = sida_edm2.train.trainer.write_exports
+
+        def die_before_final(module, run_dir, nimg):
+            if nimg == final_nimg:
+                die()
+            return write_exports(module, run_dir, nimg)
+
+        sida_edm2.train.trainer.write_exports = die_before_final
+
+
+SCENARIOS = {
+    "steps": scenario_steps, "weights": scenario_weights, "init": scenario_init, "train": scenario_train,
+}  # fmt: skip
 
 
 def _parse(text: str):
@@ -256,8 +303,11 @@ def main(argv: list[str]) -> None:
 
     scenario, out, *rest = argv
     options = dict(zip(rest[::2], rest[1::2], strict=True))
-    iterations = int(options.pop("iterations"))
+    iterations = int(options.pop("iterations", 0))
+    kill = options.pop("kill", None)
     cfg = resolve_config(PRESET, num_workers=0, **{k: _parse(v) for k, v in options.items()})
+    if kill is not None:
+        _install_kill(kill, final_nimg=round(cfg.max_kimg * 1000))
     trainer = Trainer(cfg)
     result = SCENARIOS[scenario](trainer, iterations)
     if trainer.rank == 0:

@@ -9,19 +9,22 @@ import copy
 import json
 import os
 import pickle
+import pickletools
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers_checkpoints import MODULE_SRC, edm2_encoder, write_persistence_pickle
+from helpers_checkpoints import MODULE_SRC, edm2_encoder, stand_in_modules, write_persistence_pickle
 
 from sida_edm2.io.network_files import CheckpointError, load_network, main, read_checkpoint, save_export
-from sida_edm2.io.safe_unpickle import UnsafePickleError, load_pickle
+from sida_edm2.io.safe_unpickle import PersistentObject, UnsafePickleError, load_pickle
+from sida_edm2.model.mp_layers import MPConv
 from sida_edm2.model.networks import Precond
 
 TINY = dict(
@@ -198,6 +201,60 @@ def test_cli_help_and_errors(tmp_path):
     assert result.exit_code == 1 and "not a torch_utils.persistence object" in result.output
 
 
+def _normalize_weight_hook(module, args):
+    """Stands in for the release's MPConv pre-hook; only its name and binding reach the pickle."""
+    raise AssertionError("a hook stored in a test pickle was called")
+
+
+def _with_bound_pre_hooks(net: torch.nn.Module) -> int:
+    """Register on every MPConv a forward pre-hook bound to that MPConv, as the SiDA release does with
+    forced normalisation; a bound method pickles as GLOBAL builtins.getattr + (module, 'name') + REDUCE."""
+    convs = [m for m in net.modules() if isinstance(m, MPConv)]
+    for conv in convs:
+        conv.register_forward_pre_hook(types.MethodType(_normalize_weight_hook, conv))
+    return len(convs)
+
+
+def _dropped_hooks(record: PersistentObject) -> collections.Counter:
+    """Names of the DroppedHook markers in the forward pre-hooks of `record` and its submodules."""
+    found = collections.Counter(h.name for h in record.state["_forward_pre_hooks"].values())
+    for child in record.state["_modules"].values():
+        found.update(_dropped_hooks(child))
+    return found
+
+
+def _reduced_globals(data: bytes) -> list[str]:
+    """'module.name' of every global that the pickle calls (GLOBAL or STACK_GLOBAL)."""
+    found, strings = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "GLOBAL":
+            found.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            found.append(".".join(strings[-2:]))
+    return found
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_sida_snapshot_with_bound_pre_hooks_loads_and_drops_them(tmp_path, protocol):
+    generator = random_precond(logvar_channels=0)
+    half = copy.deepcopy(generator).half()
+    rounded = copy.deepcopy(half).float()  # the reference, without hooks
+    hooks = _with_bound_pre_hooks(half)
+    path = tmp_path / "edm2_img512_tiny_sid2a_alpha1-000001.pkl"
+    kwargs = {**TINY, "use_fp16": True, "force_normalization": True, "use_gan": True}
+    write_persistence_pickle(path, half, kwargs, official_layout=False, protocol=protocol)
+    getattr_name = "__builtin__.getattr" if protocol == 2 else "builtins.getattr"
+    assert getattr_name in _reduced_globals(path.read_bytes())
+    assert _dropped_hooks(load_pickle(path)["ema"]) == {"_normalize_weight_hook": hooks} and hooks > 0
+
+    net = load_network(path)  # the hook, were it called, would raise
+    assert not any(m._forward_pre_hooks for m in net.modules())
+    assert_state_equal(net, rounded)
+    assert torch.equal(run(net, return_logvar=False)[0], run(rounded, return_logvar=False)[0])
+
+
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_plain_values_survive_the_restricted_unpickler(tmp_path, protocol):
     values = dict(
@@ -285,4 +342,42 @@ def test_module_src_is_never_executed(teacher, tmp_path):
     write_persistence_pickle(path, teacher["fp16"], {**TINY, "use_fp16": True}, module_src=module_src)
     assert module_src.encode() in path.read_bytes() and MODULE_SRC.encode() not in path.read_bytes()
     assert_state_equal(load_network(path), teacher["rounded"])
+    assert not sentinel.exists()
+
+
+class _Record:
+    """Pickles as a torch_utils.persistence record (a saved module) without any real module."""
+
+    def __reduce__(self):
+        reconstruct = sys.modules["torch_utils.persistence"]._reconstruct_persistent_obj
+        meta = dict(type="class", version=6, module_src=MODULE_SRC, class_name="MPConv", state={})
+        return reconstruct, (meta,)
+
+
+def _getattr_payloads(sentinel: Path) -> dict[str, object]:
+    """Objects whose pickles use getattr in a shape other than (saved module, literal name)."""
+    return {
+        # getattr on a plain value, i.e. a way to reach arbitrary attributes of allowed globals.
+        "str": Call(getattr, "x", "join"),
+        "ordered-dict": Call(getattr, collections.OrderedDict(), "update"),
+        "dotted-name": Call(getattr, _Record(), "state.update"),
+        "non-string-name": Call(getattr, _Record(), b"state"),
+        "default-argument": Call(getattr, _Record(), "missing", f"touch {sentinel}"),
+        # getattr's result called (the bytes get the call appended: a marker pickles as no callable).
+        "called": Call(getattr, _Record(), "forward"),
+    }
+
+
+@pytest.mark.parametrize("shape", list(_getattr_payloads(Path("x"))))
+def test_getattr_in_any_other_shape_is_refused(tmp_path, shape):
+    sentinel = tmp_path / "pwned"
+    with stand_in_modules():
+        data = pickle.dumps(_getattr_payloads(sentinel)[shape], protocol=2)  # no frames: appendable
+    if shape == "called":
+        data = data.removesuffix(pickle.STOP) + b"(V" + f"touch {sentinel}".encode() + b"\ntR."
+    assert "__builtin__.getattr" in _reduced_globals(data)
+    pickle_path = tmp_path / "evil.pkl"
+    pickle_path.write_bytes(data)
+    with pytest.raises(UnsafePickleError, match=r"getattr|dropped hook"):
+        load_pickle(pickle_path)
     assert not sentinel.exists()

@@ -1,11 +1,13 @@
 """The training reader: EDM2 scaling, fresh noise, one-hot labels, flips, rank x worker splitting,
 deterministic seeds, epochs, and skipping (with a count) what cannot be read."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
-from latent.reader import make_latent_loader
+from latent.reader import UnreadableDataError, make_latent_loader
 from latent.shard_format import LatentSample
 from latent.shards import write_latent_shards, write_synthetic_dataset
 
@@ -121,7 +123,63 @@ def test_unreadable_shards_and_samples_are_skipped_and_counted(tmp_path):
     keys = [k for _, _, batch_keys in loader for k in batch_keys]
     assert len(keys) == len(set(keys)) and set(keys) < set(truth)
     assert len(keys) >= N - 6 - 1  # at most the truncated shard and one sample are lost
-    assert loader.skipped_samples >= 2
+    assert loader.skipped_shards >= 1 and loader.skipped_samples >= 1
+
+
+def _first_batch_or_error(loader, seconds: float = 60):
+    """next(iter(loader)) in a thread: the batch or the exception, or AssertionError if it never ends."""
+    result = []
+
+    def read():
+        try:
+            result.append(next(iter(loader)))
+        except Exception as err:  # handed to the test thread
+            result.append(err)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"the reader was still trying after {seconds} s"
+    return result[0]
+
+
+def _break_every_npy(path):
+    data = bytearray(path.read_bytes())
+    start = data.find(b"\x93NUMPY")
+    while start >= 0:
+        data[start : start + 6] = b"garbag"
+        start = data.find(b"\x93NUMPY", start)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["random-bytes", "zeros", "bad-samples"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_no_readable_sample_stops_with_one_error_naming_the_folder(tmp_path, damage, workers):
+    _dataset(tmp_path)
+    for shard in sorted(tmp_path.glob("shard-*.tar")):
+        if damage == "random-bytes":
+            shard.write_bytes(np.random.default_rng(0).bytes(shard.stat().st_size))
+        elif damage == "zeros":  # tar reads zero blocks as the end of the archive: no error, no sample
+            shard.write_bytes(bytes(shard.stat().st_size))
+        else:
+            _break_every_npy(shard)
+    loader = make_latent_loader(tmp_path, 4, num_workers=workers, seed=1)
+    error = _first_batch_or_error(loader)
+    assert isinstance(error, UnreadableDataError), error
+    message = str(error)
+    assert f"no training sample could be read from {tmp_path}" in message and "\n" not in message
+    counted = {"random-bytes": (True, False), "zeros": (False, False), "bad-samples": (False, True)}
+    assert (loader.skipped_shards > 0, loader.skipped_samples > 0) == counted[damage]
+
+
+def test_mostly_unreadable_data_still_reads(tmp_path):
+    """All but one shard broken: the stream keeps reading the readable one and never gives up."""
+    _dataset(tmp_path)
+    shards = sorted(tmp_path.glob("shard-*.tar"))
+    for shard in shards[1:]:
+        shard.write_bytes(b"not a tar")
+    loader = make_latent_loader(tmp_path, 4, num_workers=0, seed=1, epoch_samples=200)
+    assert sum(x.shape[0] for x, _ in loader) == 200 and loader.skipped_shards > 0
 
 
 def test_argument_errors(tmp_path):

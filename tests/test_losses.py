@@ -251,18 +251,57 @@ def test_finite_sum_drops_and_counts():
     assert total.item() == 0.75 and dropped.item() == 0
 
 
-def test_nan_sample_dropped_from_per_sample_loss_but_poisons_coupled_terms():
+def test_nan_sample_dropped_from_per_sample_loss():
     denoised, x_g, sigma, u, expected = _dsm_case()
     x_bad = x_g.clone()
     x_bad[1, 0, 0, 1] = float("nan")
     total, dropped = L.finite_sum(L.fake_score_loss(denoised, x_bad, sigma, t32(u)))
     assert dropped.item() == 1 and total.item() == pytest.approx(expected[0], rel=1e-6)
-    # the discriminator's BCE is a micro-batch mean: one NaN logit makes every sample non-finite
-    logits = torch.zeros(2, 1, 1, 2)
-    logits_bad = logits.clone()
-    logits_bad[0, 0, 0, 0] = float("nan")
-    total, dropped = L.finite_sum(L.discriminator_loss(logits, logits_bad, sigma, 0.0))
-    assert dropped.item() == 2 and total.item() == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("which", ["real", "fake"])
+def test_nonfinite_logit_drops_only_its_sample_from_the_discriminator_term(bad, which):
+    """The batch-mean BCE is taken over the finite samples: the others keep the value the loss has on
+    the micro-batch without the bad sample, their gradients stay finite, the bad one gets none."""
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(4, 1, 2, 2, generator=gen), torch.randn(4, 1, 2, 2, generator=gen)
+    sigma, u = t32([0.5, 1.0, 2.0, 3.0]), t32([0.0, 0.5, -0.5, 1.0])
+    good = [0, 2, 3]
+    expected = L.discriminator_loss(real[good], fake[good], sigma[good], u[good])
+    logits = {"real": real.detach().clone(), "fake": fake.detach().clone()}
+    logits[which][1, 0, 1, 0] = bad
+    real_bad, fake_bad = (logits[k].requires_grad_() for k in ("real", "fake"))
+    out = L.discriminator_loss(real_bad, fake_bad, sigma, u)
+    assert torch.isnan(out[1]) and torch.allclose(out[good], expected, rtol=1e-6, atol=0)
+    total, dropped = L.finite_sum(out)
+    assert dropped.item() == 1
+    total.backward()
+    for grad in (real_bad.grad, fake_bad.grad):
+        assert torch.isfinite(grad).all() and grad[1].abs().sum() == 0 and grad[good].abs().sum() > 0
+
+
+def test_nan_logit_drops_only_its_sample_from_the_adversarial_term():
+    a, _, x, u, _ = _sid_case()
+    a, x, u = torch.tensor(a).view(2, 1, 1, 2), torch.tensor(x).view(2, 1, 1, 2), torch.tensor(u)
+    logits = torch.tensor([[[[float("nan"), 0.5]]], [[[-1.0, 2.0]]]], requires_grad=True)
+    out = L.adversarial_generator_loss(logits, a, x, u)
+    alone = L.adversarial_generator_loss(logits.detach()[1:], a[1:], x[1:], u[1:])
+    assert torch.isnan(out[0]) and torch.equal(out[1:], alone)
+    total, dropped = L.finite_sum(out)
+    total.backward()
+    assert dropped.item() == 1 and torch.isfinite(logits.grad).all() and logits.grad[0].abs().sum() == 0
+
+
+def test_all_finite_discriminator_equals_the_whole_map_mean():
+    """With every logit finite the value is the release's: one BCE mean over the whole micro-batch map."""
+    gen = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(8, 1, 4, 4, generator=gen) * 3, torch.randn(8, 1, 4, 4, generator=gen) * 3
+    sigma, u = torch.rand(8, generator=gen) + 0.1, torch.randn(8, generator=gen)
+    whole = torch.nn.functional.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+    whole = whole + torch.nn.functional.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+    release = L.edm_weight(sigma) * whole / 2 / torch.exp(u)
+    torch.testing.assert_close(L.discriminator_loss(real, fake, sigma, u), release, rtol=1e-6, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,18 +313,18 @@ def test_training_phase_thresholds(method):
     phase = lambda n: L.training_phase(n, 100, 200, method)  # noqa: E731
     assert phase(0) == "fake_only"
     assert phase(99_999) == "fake_only"
-    assert phase(100_000) == "sid"  # Algorithm 1 line 10: G trains from nimg >= 100k
-    assert phase(200_000) == "sid"  # line 12: b = 0 while nimg <= 200k
+    assert phase(100_000) == "fake_only"  # the release: G steps only once more than 100k images were seen
+    assert phase(100_001) == "sid"
+    assert phase(200_000) == "sid"  # b = 0 while nimg <= 200k
     assert phase(200_001) == "sida"
-    assert L.training_phase(0, 0, 0, method) == "sid"
+    assert L.training_phase(0, 0, 0, method) == "fake_only"
     assert L.training_phase(1, 0, 0, method) == "sida"
 
 
-def test_sid_method_never_adversarial():
-    assert L.training_phase(99_999, 100, 200, "sid") == "fake_only"
-    for nimg in (100_000, 200_000, 200_001, 10**9):
+def test_sid_method_trains_generator_from_the_start_and_never_adversarial():
+    # The release has no fake-score-only warm-up without the adversarial loss.
+    for nimg in (0, 99_999, 100_000, 200_000, 200_001, 10**9):
         assert L.training_phase(nimg, 100, 200, "sid") == "sid"
-    assert L.training_phase(0, 0, 200, "sid") == "sid"
     with pytest.raises(ValueError, match="unknown method"):
         L.training_phase(0, 100, 200, "SiDA")
 

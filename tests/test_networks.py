@@ -138,11 +138,14 @@ def test_state_dict_names_and_shapes_match_edm2_xs():
 
 
 def test_fresh_network_returns_exactly_c_skip_times_x():
-    net = Precond(**get_preset("tiny")["network"])  # emb_gain and out_gain are 0
+    # emb_gain and out_gain are 0; dropout on, so that train mode differs from eval mode inside.
+    net = Precond(**{**get_preset("tiny")["network"], "dropout": 0.1})
     x, sigma, labels = tiny_inputs(net)
     c_skip = net.coefficients(sigma)[0].reshape(-1, 1, 1, 1)
-    for mode in (net.train(), net.eval()):
-        assert torch.equal(mode(x, sigma, labels), c_skip * x)
+    for training in (True, False):  # set each mode right before its forward
+        net.train(training)
+        assert all(m.training is training for m in net.modules())
+        assert torch.equal(net(x, sigma, labels), c_skip * x)
 
 
 @pytest.mark.parametrize("sigma", [0.002, 0.5, 1.0, 80.0])

@@ -313,13 +313,13 @@ def test_compiled_tiny_network_matches_eager():
 
 
 def _train(tmp_path, name: str, assets, **switches) -> dict:
-    """Three SiDA iterations (the first in the SiD phase) of the real Trainer under DeepSpeed ZeRO-2, one
+    """Three SiDA iterations (fake score only, SiD, SiDA) of the real Trainer under DeepSpeed ZeRO-2, one
     CPU process, 2 accumulation rounds; the fp32 master weights of G and the fake score and the EMA."""
     teacher, data = assets
     out = tmp_path / f"{name}.pt"
     run_scenario(
         "weights", out, nproc=1, iterations=3, teacher=teacher, data=data, run_dir=tmp_path / name,
-        method="sida", zero_stage=2, batch=4, batch_gpu=2, fake_only_kimg=0, sid_only_kimg=0.002,
+        method="sida", zero_stage=2, batch=4, batch_gpu=2, fake_only_kimg=0, sid_only_kimg=0.004,
         **switches,
     )  # fmt: skip
     return torch.load(out)
@@ -335,7 +335,7 @@ def test_training_with_speed_switches_matches_the_plain_networks(tmp_path):
     plain = _train(tmp_path, "plain", assets, weight_cache=False, weight_recompute=False)
     cached = _train(tmp_path, "cached", assets, weight_recompute=False, activation_checkpointing=True)
     everything = _train(tmp_path, "all", assets, activation_checkpointing=True, channels_last=True)
-    assert plain["phases"] == cached["phases"] == everything["phases"] == ["sid", "sida", "sida"]
+    assert plain["phases"] == cached["phases"] == everything["phases"] == ["fake_only", "sid", "sida"]
     for part in ("G", "F", "ema"):
         assert_identical(plain[part], cached[part])
         for key in plain[part]:

@@ -3,12 +3,14 @@ plain-PyTorch reference of the same loop (torch.optim.Adam, forced normalisation
 
     python -m pytest tests/test_train_accumulation.py
 
-Method `sid` (fake-score-only, then SiD phases): its losses are sums of per-sample terms, so splitting a
-step's samples into micro-batches only changes the order of floating-point sums. The SiDA
-discriminator and adversarial terms average their BCE over each micro-batch's whole map (paper eqs.
-7, 10), so they depend on the micro-batch split by design and are not expected to match across
-splits. The DeepSpeed runs are single processes (see RUNS) so that the reference, which draws the same
-noise, sees the same samples.
+Method `sid` (the SiD phase from the first iteration on, as the release trains it): its losses are sums
+of per-sample terms, so splitting a step's samples into micro-batches only changes the order of
+floating-point sums. The SiDA discriminator and adversarial terms average their BCE over each
+micro-batch's whole map (paper eqs. 7, 10), so they depend on the micro-batch split by design and are
+not expected to match across splits: the `sida` run (fake score only, SiD, then SiDA with the
+discriminator and adversarial terms on real latents) is compared with a reference that accumulates the
+same micro-batches, read by the same reader. The DeepSpeed runs are single processes (see RUNS) so that
+the reference, which draws the same noise, sees the same samples.
 
 Adam is nearly invariant to the scale of the loss (g / (sqrt(v) + eps) with eps = 1e-6), so with the
 training settings a loss divided by R once too often (DeepSpeed's backward does that by default) would
@@ -20,37 +22,47 @@ import copy
 
 import pytest
 import torch
-from helpers_train import PRESET, make_teacher, run_scenario
+from helpers_train import PRESET, make_dataset, make_teacher, run_scenario
 
+from latent.reader import read_manifest
 from sida_edm2.io.network_files import load_network
 from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import get_preset
 from sida_edm2.model.weight_norm import force_normalize_
-from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise
+from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data
 from sida_edm2.train.ema import ema_beta, ema_update_
 from sida_edm2.train.losses import (
+    adversarial_generator_loss,
+    discriminator_loss,
     fake_score_loss,
     fake_score_sigma,
+    generator_loss_weights,
     generator_sigma,
     sid_generator_loss,
     training_phase,
 )
 
-ITERATIONS = 3  # fake-score only, then two SiD iterations
+ITERATIONS = 3  # sid: three SiD iterations (no warm-up without the adversarial loss); sida: see PHASES
 BATCH, SEED, FAKE_ONLY_KIMG = 8, 0, 0.008
+SIDA_PHASES = dict(fake_only_kimg=0, sid_only_kimg=0.008)  # sida: fake score only, SiD, then SiDA
 LR, ADAM_EPS = 1.0, 1e4  # see the module docstring
-# name: (ZeRO stage, batch_gpu, further options). The last two runs also show that recomputing blocks in
-# backward and a ZeRO-3-partitioned teacher change nothing.
+# name: (method, ZeRO stage, batch_gpu, further options). zero3 and recompute also show that recomputing
+# blocks in backward and a ZeRO-3-partitioned teacher change nothing; the sida runs cover the
+# discriminator and adversarial terms, against a reference with the same micro-batches.
 RUNS = {
-    "zero2_r2": (2, 4, {}),
-    "zero2_r1": (2, 8, {}),
-    "zero3_r2": (3, 4, {"teacher_zero3": True}),
-    "zero2_r2_recompute": (2, 4, {"activation_checkpointing": True}),
+    "zero2_r2": ("sid", 2, 4, {}),
+    "zero2_r1": ("sid", 2, 8, {}),
+    "zero3_r2": ("sid", 3, 4, {"teacher_zero3": True}),
+    "zero2_r2_recompute": ("sid", 2, 4, {"activation_checkpointing": True}),
+    "sida_zero2_r2": ("sida", 2, 4, SIDA_PHASES),
 }
+EXPECTED_PHASES = {"sid": ["sid", "sid", "sid"], "sida": ["fake_only", "sid", "sida"]}
 
 
-def reference_run(teacher_path) -> dict:
-    """The loop written plainly: whole step in one batch, torch Adam, force_normalize_, EMA."""
+def reference_run(teacher_path, method: str, data=None, batch_gpu: int = BATCH) -> dict:
+    """The loop written plainly: torch Adam, force_normalize_, EMA. Method "sid" takes each step as one
+    batch; "sida" (real data, the discriminator and adversarial terms, whose BCE averages over a
+    micro-batch) accumulates micro-batches of `batch_gpu` as the training does."""
     preset = get_preset(PRESET)
     teacher = load_network(teacher_path)
     G = Precond(**{**teacher.init_kwargs, "logvar_channels": 0})
@@ -62,33 +74,55 @@ def reference_run(teacher_path) -> dict:
     adam = dict(lr=LR, betas=(0.0, 0.999), eps=ADAM_EPS)
     opt_g, opt_f = torch.optim.Adam(G.parameters(), **adam), torch.optim.Adam(F.parameters(), **adam)
     noise = torch.Generator().manual_seed(derived_seed(SEED, 0, 1 << 20))  # rank 0's noise stream
-    labels = LabelSampler(teacher.label_dim, None, torch.device("cpu"))
+    real = None
+    counts = None
+    if method != "sid":  # rank 0's reader of segment 0, the one the training reads until a checkpoint
+        reader = open_real_data(str(data), batch_gpu, rank=0, world_size=1, seed=SEED, segment=0,
+                                num_workers=0)
+        real = iter(reader)
+        counts = read_manifest(data)["class_counts"]
+    phases = SIDA_PHASES if method != "sid" else dict(fake_only_kimg=FAKE_ONLY_KIMG, sid_only_kimg=0.016)
+    labels = LabelSampler(teacher.label_dim, counts, torch.device("cpu"))
     shape = [teacher.img_channels, teacher.img_resolution, teacher.img_resolution]
-    sigma_init = preset["sigma_init"]
+    sigma_init, rounds = preset["sigma_init"], BATCH // batch_gpu
     nimg = 0
     for _ in range(ITERATIONS):
-        phase = training_phase(nimg, FAKE_ONLY_KIMG, preset["sid_only_kimg"], "sid")
-        step = draw_step_noise(noise, BATCH, shape, uniform_level=False, labels=labels)
+        phase = training_phase(nimg, phases["fake_only_kimg"], phases["sid_only_kimg"], method)
+        step = draw_step_noise(noise, BATCH, shape, uniform_level=False, labels=None if real else labels)
         G.eval(), F.train()
-        with torch.no_grad():
-            x_g = G(sigma_init * step.z, sigma_init, step.labels)
-        sigma = fake_score_sigma(step.level)
-        x_t = x_g + sigma.reshape(-1, 1, 1, 1) * step.eps
-        denoised, logvar = F(x_t, sigma, step.labels, return_logvar=True)
         opt_f.zero_grad()
-        (fake_score_loss(denoised, x_g, sigma, logvar).sum() / BATCH).backward()
+        for r in range(rounds):
+            part = step.micro_batch(r, batch_gpu)
+            x_real, c = next(real) if real else (None, part.labels)
+            with torch.no_grad():
+                x_g = G(sigma_init * part.z, sigma_init, c)
+            sigma = fake_score_sigma(part.level)
+            s = sigma.reshape(-1, 1, 1, 1)
+            denoised, logits_fake, logvar = F(x_g + s * part.eps, sigma, c, return_logvar=True, output="both")
+            loss = fake_score_loss(denoised, x_g, sigma, logvar).sum()
+            if real:
+                logits_real = F(x_real + s * part.eps, sigma, c, output="disc")
+                disc = discriminator_loss(logits_real, logits_fake, sigma, logvar)
+                loss = loss + preset["lambda_adv_psi"] * disc.sum()
+            (loss / BATCH).backward()
         opt_f.step()
         force_normalize_(F)
         if phase != "fake_only":
+            w_sid, w_adv = generator_loss_weights(phase, preset["lambda_sid"], preset["lambda_adv_theta"])
             step = draw_step_noise(noise, BATCH, shape, uniform_level=True, labels=labels)
             G.train(), F.eval().requires_grad_(False)
-            x_g = G(sigma_init * step.z, sigma_init, step.labels)
-            sigma = generator_sigma(step.level * preset["tmax"])
-            x_t = x_g + sigma.reshape(-1, 1, 1, 1) * step.eps
-            d_fake, logvar = F(x_t, sigma, step.labels, return_logvar=True)
-            sid = sid_generator_loss(teacher(x_t, sigma, step.labels), d_fake, x_g, logvar, preset["alpha"])
             opt_g.zero_grad()
-            (preset["lambda_sid"] * sid.sum() / BATCH).backward()
+            for r in range(rounds):
+                part = step.micro_batch(r, batch_gpu)
+                x_g = G(sigma_init * part.z, sigma_init, part.labels)
+                sigma = generator_sigma(part.level * preset["tmax"])
+                x_t = x_g + sigma.reshape(-1, 1, 1, 1) * part.eps
+                d_fake, logits, logvar = F(x_t, sigma, part.labels, return_logvar=True, output="both")
+                d_teacher = teacher(x_t, sigma, part.labels)
+                loss = w_sid * sid_generator_loss(d_teacher, d_fake, x_g, logvar, preset["alpha"]).sum()
+                if w_adv:
+                    loss = loss + w_adv * adversarial_generator_loss(logits, d_teacher, x_g, logvar).sum()
+                (loss / BATCH).backward()
             opt_g.step()
             force_normalize_(G)
             ema_update_(ema.parameters(), G.parameters(), ema_beta(nimg, BATCH, preset["ema_mimg"]))
@@ -105,16 +139,19 @@ def reference_run(teacher_path) -> dict:
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("accumulation")
     teacher = make_teacher(root / "teacher.safetensors")
+    data = make_dataset(root / "data")
     runs = {}
-    for name, (stage, batch_gpu, extra) in RUNS.items():
+    for name, (method, stage, batch_gpu, extra) in RUNS.items():
         out = root / f"{name}.pt"
+        options = dict(data=data) if method == "sida" else dict(fake_only_kimg=FAKE_ONLY_KIMG)
         run_scenario(
             "weights", out, nproc=1, iterations=ITERATIONS, teacher=teacher, run_dir=root / name,
-            method="sid", zero_stage=stage, batch=BATCH, batch_gpu=batch_gpu, fake_only_kimg=FAKE_ONLY_KIMG,
-            seed=SEED, lr=LR, adam_eps=ADAM_EPS, **extra,
+            method=method, zero_stage=stage, batch=BATCH, batch_gpu=batch_gpu, seed=SEED, lr=LR,
+            adam_eps=ADAM_EPS, **options, **extra,
         )  # fmt: skip
         runs[name] = torch.load(out, weights_only=True)
-    return runs, reference_run(teacher)
+    references = {"sid": reference_run(teacher, "sid"), "sida": reference_run(teacher, "sida", data, 4)}
+    return runs, references
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -125,10 +162,11 @@ def max_difference(a: dict, b: dict) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RUNS))
 def test_deepspeed_run_matches_plain_pytorch_reference(results, name):
-    runs, reference = results
-    assert runs[name]["phases"] == ["fake_only", "sid", "sid"]
+    runs, references = results
+    method = RUNS[name][0]
+    assert runs[name]["phases"] == EXPECTED_PHASES[method]
     for net in ("G", "F", "ema"):
-        assert max_difference(runs[name][net], reference[net]) < 1e-6, (name, net)
+        assert max_difference(runs[name][net], references[method][net]) < 1e-6, (name, net)
 
 
 @pytest.mark.slow

@@ -4,9 +4,13 @@ micro-batch, and the real-data stream as a function of (seed, rank, segment) ove
     python -m pytest tests/test_train_data.py
 """
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from helpers_train import make_dataset
+from helpers_train import REPO, cli_args, make_dataset, make_teacher, subprocess_env
 
 from latent.reader import read_manifest
 from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data
@@ -43,7 +47,8 @@ def test_real_data_is_a_function_of_seed_rank_and_segment(tmp_path):
     num_classes = read_manifest(data)["num_classes"]
 
     def batches(rank, segment, count=3):
-        stream = open_real_data(str(data), 4, rank=rank, world_size=2, seed=7, segment=segment, num_workers=0)
+        loader = open_real_data(str(data), 4, rank=rank, world_size=2, seed=7, segment=segment, num_workers=0)
+        stream = iter(loader)
         return [next(stream) for _ in range(count)]
 
     first = batches(rank=0, segment=0)
@@ -53,3 +58,37 @@ def test_real_data_is_a_function_of_seed_rank_and_segment(tmp_path):
     assert not torch.equal(first[0][0], batches(rank=0, segment=1)[0][0])
     assert not torch.equal(first[0][0], batches(rank=1, segment=0)[0][0])
     assert len({derived_seed(7, r, s) for r in range(4) for s in range(4)}) == 16
+
+
+def train_on(tmp_path, data):
+    """train_edm2.py, one plain process, two SiDA iterations on `data`; the finished process."""
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    flags = dict(
+        method="sida", zero_stage=2, batch=8, batch_gpu=4, max_kimg=0.016, checkpoint_kimg=0.016,
+        tick_kimg=0.008, fake_only_kimg=0, sid_only_kimg=0.008,
+    )  # fmt: skip
+    args = [sys.executable, "train_edm2.py", *cli_args(teacher, tmp_path / "run", data, **flags)]
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_training_on_data_without_a_readable_sample_stops_with_one_line(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    for shard in data.glob("*.tar"):
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    proc = train_on(tmp_path, data)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"Error: no training sample could be read from {data}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_unreadable_shards_are_counted_in_log_and_stats(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    for shard in sorted(data.glob("*.tar"))[1:]:  # three shards of four: the first batches meet some
+        shard.write_bytes(b"not a tar")
+    proc = train_on(tmp_path, data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    shards = sum(r["skipped/unreadable_shards/count"] for r in records)
+    assert shards > 0 and all(r["skipped/unreadable_samples/count"] == 0 for r in records)
+    assert "unreadable shards" in (tmp_path / "run" / "log.txt").read_text()

@@ -15,7 +15,7 @@ import pytest
 from helpers_train import make_dataset, make_teacher, run_scenario
 
 ITERATIONS = 5
-EXPECTED_PHASES = ["fake_only", "sid", "sid", "sida", "sida"]  # nimg 0, 8, 16 (<= 16: still sid), 24, 32
+EXPECTED_PHASES = ["fake_only", "sid", "sid", "sida", "sida"]  # nimg 0 (<= 0), 8, 16 (<= 16), 24, 32
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def report(request, assets, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{request.param}") / "report.json"
     options = dict(
         iterations=ITERATIONS, teacher=teacher, data=data, run_dir=out.parent / "run", method="sida",
-        zero_stage=request.param, batch=8, batch_gpu=2, fake_only_kimg=0.008, sid_only_kimg=0.016,
+        zero_stage=request.param, batch=8, batch_gpu=2, fake_only_kimg=0, sid_only_kimg=0.016,
         teacher_zero3=request.param == 3,  # under ZeRO-3 the teacher is partitioned too
     )  # fmt: skip
     run_scenario("steps", out, nproc=2, **options)
@@ -81,7 +81,7 @@ def test_nonfinite_samples_are_dropped_and_their_steps_skipped(tmp_path, stage):
     out = tmp_path / "report.json"
     options = dict(
         iterations=3, teacher=teacher, data=data, run_dir=tmp_path / "run", method="sida", zero_stage=stage,
-        batch=8, batch_gpu=4, fake_only_kimg=0.008, sid_only_kimg=0.016,
+        batch=8, batch_gpu=4, fake_only_kimg=0, sid_only_kimg=0.016,
     )  # fmt: skip
     run_scenario("steps", out, nproc=1, **options)
     report = json.loads(out.read_text())

@@ -40,7 +40,7 @@ def training_args(assets, run_dir):
     teacher, data = assets
     return cli_args(
         teacher, run_dir, data, method="sida", zero_stage=2, batch=8, batch_gpu=2, max_kimg=0.048,
-        checkpoint_kimg=0.016, tick_kimg=0.008, fake_only_kimg=0.008, sid_only_kimg=0.016,
+        checkpoint_kimg=0.016, tick_kimg=0.008, fake_only_kimg=0, sid_only_kimg=0.016,
     )  # fmt: skip
 
 

@@ -10,6 +10,11 @@ returns a `PersistentObject` that only records the class name and the state; `mo
 unread. Tensors are rebuilt from their storages, each of which is itself a small legacy `torch.save`
 stream that is opened with `torch.load(weights_only=True)`.
 
+Runs of the SiDA release with forced normalisation store each MPConv's forward pre-hook, a bound method,
+which pickles as `builtins.getattr(<that module>, '<method name>')`. That one shape is accepted: getattr
+applied to a persistence record or torch-module placeholder with a literal string name gives a
+`DroppedHook` marker (nothing is looked up or called); the loader never reads the hooks.
+
 Every global the pickle names is looked up in a fixed table (`find_class`); anything else, e.g.
 `os.system`, stops the load with `UnsafePickleError` before it can be called:
 
@@ -52,6 +57,31 @@ class TorchModuleRecord:
 
     def __setstate__(self, state: dict) -> None:
         self.state = state
+
+
+@dataclass(frozen=True)
+class DroppedHook:
+    """What `getattr(module, name)` stood for in the pickle (a hook bound to that module): a marker only."""
+
+    owner: str  # class name of the module the method was bound to
+    name: str
+
+    def __call__(self, *args: Any) -> None:
+        raise UnsafePickleError(f"refusing to call the dropped hook {self.owner}.{self.name}")
+
+
+def _hook_getattr(*args: Any) -> DroppedHook:
+    """`getattr(record, 'name')` as a bound forward hook pickles; any other use of getattr is refused."""
+    if len(args) == 2:
+        owner, name = args
+        is_module = isinstance(owner, PersistentObject | TorchModuleRecord)
+        # type() is str: a str subclass could only come from another reduce call, never from a literal.
+        if is_module and type(name) is str and name.isidentifier():
+            return DroppedHook(owner=owner.class_name, name=name)
+    shape = ", ".join(type(a).__name__ for a in args)
+    raise UnsafePickleError(
+        f"refusing builtins.getattr({shape}): only getattr(<saved module>, '<method name>') is allowed"
+    )
 
 
 def _torch_module_record(name: str) -> type:
@@ -133,7 +163,9 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("__builtin__", "set"): set,  # protocol-2 spelling
+    ("builtins", "getattr"): _hook_getattr,
+    ("__builtin__", "getattr"): _hook_getattr,  # protocol-2 spelling
+    ("__builtin__", "set"): set,
     ("__builtin__", "frozenset"): frozenset,
     ("_codecs", "encode"): _codecs_encode,
     **{("torch", name): getattr(torch, name) for name in _TORCH_DTYPE_NAMES},

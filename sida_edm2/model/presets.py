@@ -13,7 +13,7 @@ Keys of every preset:
     lambda_sid, lambda_adv_theta, lambda_adv_psi, alpha     loss scales and the SiD alpha
     ema_mimg          EMA half-life in Mimg (ramp-up ratio 0.05)
     sigma_init        the generator's fixed noise level; tmax   t ~ U(0, tmax) for the generator update
-    fake_only_kimg, sid_only_kimg        phase thresholds in generator kimg
+    fake_only_kimg, sid_only_kimg        SiDA / SiD2A phase thresholds in generator kimg (SiD ignores them)
     force_norm        forced weight normalisation on/off
     weight_recompute  recompute normalised MPConv weights in backward instead of keeping copies: saves about
                       6 bytes/parameter per trainable forward, costs 23% img/s at XS batch 64 on an H100
@@ -91,8 +91,9 @@ _IMG512_SIZES = {
 PRESETS: dict[str, dict] = {f"edm2-img512-{size}": spec.preset() for size, spec in _IMG512_SIZES.items()}
 
 # Unit tests: 16x16 latents, 2 levels (disc map 8x8), one block per level, attention at 8x8 with 16-channel
-# heads (the default 64 would leave 32-channel blocks without attention). Phase thresholds of one and two
-# optimizer steps so a few-step test run reaches all three phases.
+# heads (the default 64 would leave 32-channel blocks without attention). Phase thresholds such that SiDA's
+# first iteration (nimg 0) trains only the fake score, the next two (nimg 8, 16 <= 16) the SiD term and
+# the rest SiDA, so a few-step test run reaches all three phases.
 PRESETS["tiny"] = dict(
     SIDA_SETTINGS,
     network=dict(
@@ -100,7 +101,7 @@ PRESETS["tiny"] = dict(
         attn_resolutions=[8], channels_per_head=16, dropout=0.0, logvar_channels=16,
     ),
     batch=8, batch_gpu=4, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0, weight_recompute=True,
-    fake_only_kimg=0.008, sid_only_kimg=0.016,
+    fake_only_kimg=0, sid_only_kimg=0.016,
 )
 
 # README demo: 16x16 latents, 10 classes, 3 levels (disc map 4x4), a few minutes of CPU training.

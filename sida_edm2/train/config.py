@@ -72,7 +72,7 @@ class TrainConfig:
     lambda_sid: float  # Weight of the SiD generator term.
     lambda_adv_theta: float  # Weight of the adversarial generator term.
     lambda_adv_psi: float  # Weight of the discriminator loss in the fake-score update.
-    fake_only_kimg: float  # Generator kimg during which only the fake score trains.
+    fake_only_kimg: float  # SiDA/SiD2A: generator kimg during which only the fake score trains.
     sid_only_kimg: float  # Generator kimg up to which G trains on the SiD term alone.
     tmax: float  # Generator-update noise: t ~ U(0, tmax).
     sigma_init: float  # The generator's fixed input noise level.

@@ -13,10 +13,13 @@ Reproducibility contract (what makes a resumed run bit-identical to an uninterru
 
 import dataclasses
 import random
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # latent.reader (webdataset) is imported only when real data is opened
+    from latent.reader import LatentLoader
 
 
 def derived_seed(*parts: int) -> int:
@@ -96,12 +99,13 @@ def draw_step_noise(
 
 def open_real_data(
     data_dir: str, batch_gpu: int, *, rank: int, world_size: int, seed: int, segment: int, num_workers: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """An endless iterator of this rank's real micro-batches (latents [B,C,h,w], one-hot [B,K]) for one
-    segment: the same (seed, rank, segment) always gives the same batches."""
+) -> "LatentLoader":
+    """An endless loader of this rank's real micro-batches (latents [B,C,h,w], one-hot [B,K]) for one
+    segment: the same (seed, rank, segment) always gives the same batches. It counts what it skips
+    (`skipped_shards`, `skipped_samples`) and raises UnreadableDataError when nothing can be read."""
     from latent.reader import make_latent_loader
 
-    loader = make_latent_loader(
+    return make_latent_loader(
         data_dir,
         batch_gpu,
         rank=rank,
@@ -109,4 +113,3 @@ def open_real_data(
         num_workers=num_workers,
         seed=derived_seed(seed, rank, segment),
     )
-    return iter(loader)

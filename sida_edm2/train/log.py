@@ -89,7 +89,8 @@ class RunLog:
 
 
 def progress_line(v: dict) -> str:
-    """kimg, s/kimg, img/s, phase, each loss, skipped samples/steps, GPU memory."""
+    """kimg, s/kimg, img/s, phase, each loss, skipped samples/steps, unreadable shards/samples of the
+    data (runs that read it), GPU memory."""
     parts = [
         f"kimg {v['kimg']:<9.3f}",
         f"iter {v['iteration']:<7d}",
@@ -101,6 +102,9 @@ def progress_line(v: dict) -> str:
         parts.append(f"{name[5:]} {v[name]:<10.4g}")
     parts.append(f"skipped samples {int(v.get('skipped/samples/count', 0))}")
     parts.append(f"steps {int(v.get('skipped/steps/count', 0))}")
+    if "skipped/unreadable_shards/count" in v:
+        parts.append(f"unreadable shards {int(v['skipped/unreadable_shards/count'])}")
+        parts.append(f"samples {int(v['skipped/unreadable_samples/count'])}")
     if "gpu_mem_gb" in v:
         parts.append(f"gpumem {v['gpu_mem_gb']:.2f}GB")
     return "  ".join(parts)

@@ -12,9 +12,10 @@ with `finite_sum` and divides by the per-GPU batch of one optimizer step.
 
 Coupling across samples: the BCE terms (`discriminator_loss`, `adversarial_generator_loss`) average the
 discriminator map over the whole micro-batch, as the paper's eqs. 7 and 10 do ("per-GPU-batch
-fakeness"). Each sample's value therefore depends on every sample of the micro-batch, the result depends
-on how the batch is split into micro-batches, and one non-finite logit makes every sample of that term
-non-finite (so `finite_sum` drops the whole micro-batch for that term).
+fakeness"). Each sample's value therefore depends on every sample of the micro-batch, and the result
+depends on how the batch is split into micro-batches. A sample with a non-finite logit is left out of
+that mean and gets NaN (so `finite_sum` drops and counts it alone); with all logits finite the mean is
+the whole map's, the release's value.
 
 Tests: `python -m pytest tests/test_losses.py`
 """
@@ -112,17 +113,38 @@ def discriminator_loss(
 
     bce_real = mean over the whole micro-batch map of BCE(logits_real, 1), bce_fake likewise with target
     0, so every sample carries the same batch-mean BCE, weighted by its own lambda(s) and e^u (see the
-    module docstring on coupling). lambda_adv_psi is applied by the caller. Returns [B] float32.
+    module docstring on coupling). A sample with a non-finite real or fake logit is left out of both
+    means and gets NaN. lambda_adv_psi is applied by the caller. Returns [B] float32.
     """
     batch = logits_fake.shape[0]
     if logits_real.shape[0] != batch:
         raise ValueError(f"real and fake batches differ: {logits_real.shape[0]} vs {batch}")
-    lr, lf = logits_real.float(), logits_fake.float()
-    bce_real = F.binary_cross_entropy_with_logits(lr, torch.ones_like(lr))
-    bce_fake = F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf))
+    bce, finite = _batch_mean_bce((logits_real, 1.0), (logits_fake, 0.0))
     s = _per_sample(sigma, batch, logits_fake, "sigma")
     u = _per_sample(logvar, batch, logits_fake, "logvar")
-    return edm_weight(s) * (bce_real + bce_fake) / 2 / torch.exp(u)
+    return _nan_where_not(finite, edm_weight(s) * bce / 2 / torch.exp(u))
+
+
+def _batch_mean_bce(*terms: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over `terms` of the micro-batch-mean BCE(logits, target), bool [B] of samples used).
+
+    A sample with any non-finite logit in any term is left out of every mean (its logits are replaced by
+    0 before the BCE, so it gets no gradient, not even NaN); with all samples finite each mean is the
+    whole map's, since every sample's map has the same size."""
+    finite = torch.stack([torch.isfinite(lg).flatten(1).all(dim=1) for lg, _ in terms]).all(dim=0)
+    used = finite.sum().clamp(min=1)
+    total = torch.zeros((), device=finite.device)
+    for logits, target in terms:
+        lg = logits.float()
+        safe = torch.where(finite.reshape(-1, *[1] * (lg.ndim - 1)), lg, torch.zeros_like(lg))
+        per_sample = F.binary_cross_entropy_with_logits(safe, torch.full_like(safe, target), reduction="none")
+        total = total + torch.where(finite, per_sample.flatten(1).mean(dim=1), 0.0).sum() / used
+    return total, finite
+
+
+def _nan_where_not(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` with NaN at the samples not kept: `finite_sum` then drops and counts exactly those."""
+    return torch.where(keep, values, torch.full_like(values, float("nan")))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,8 +185,9 @@ def adversarial_generator_loss(
 ) -> torch.Tensor:
     """Adversarial generator term per sample: C*H*W * BCE(clamp(logits_g, -10, 10), 1) / w / e^u (eq. 7-8).
 
-    The BCE is the mean over the whole micro-batch map (see the module docstring); the clamp passes no
-    gradient for logits outside [-10, 10], as in the reference. Returns [B] float32.
+    The BCE is the mean over the whole micro-batch map, less samples with a non-finite logit (NaN there;
+    see the module docstring); the clamp passes no gradient for logits outside [-10, 10], as in the
+    reference. Returns [B] float32.
     """
     _check_same_shape(d_teacher=d_teacher, x_g=x_g)
     batch = x_g.shape[0]
@@ -172,10 +195,9 @@ def adversarial_generator_loss(
         raise ValueError(f"logits batch {logits_g.shape[0]} != x_g batch {batch}")
     u = _per_sample(logvar, batch, x_g, "logvar")
     w = sid_normaliser(d_teacher, x_g)
-    lg = logits_g.float().clamp(-ADV_LOGIT_CLAMP, ADV_LOGIT_CLAMP)
-    bce = F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg))
+    bce, finite = _batch_mean_bce((logits_g.float().clamp(-ADV_LOGIT_CLAMP, ADV_LOGIT_CLAMP), 1.0))
     chw = x_g[0].numel()
-    return chw * bce / w / torch.exp(u)
+    return _nan_where_not(finite, chw * bce / w / torch.exp(u))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,16 +219,20 @@ def finite_sum(per_sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def training_phase(nimg: int, fake_only_kimg: float, sid_only_kimg: float, method: str) -> str:
     """Phase at `nimg` generator images seen before this iteration: "fake_only", "sid" or "sida".
 
-    Boundaries follow Algorithm 1: G trains when nimg >= fake_only_kimg*1000 (line 10), so nimg ==
-    100_000 is already "sid"; b = 0 (SiD only) while nimg <= sid_only_kimg*1000 (line 12), so nimg ==
-    200_000 is still "sid" and "sida" starts above it. Method "sid" (data-free) never enters "sida";
-    "sida" and "sid2a" share the rule. Set fake_only_kimg=0 for no fake-score-only warm-up.
+    As the release does: method "sid" (data-free, no adversarial loss) trains G from the first iteration
+    and never enters "sida", whatever the thresholds. "sida" and "sid2a" train only the fake score while
+    nimg <= fake_only_kimg*1000, so G first steps once strictly more than 100,000 images were seen (the
+    paper's Algorithm 1 writes >=); G trains on the SiD term alone while nimg <= sid_only_kimg*1000, so
+    "sida" starts strictly above 200,000. With fake_only_kimg=0 the first iteration (nimg = 0) is the
+    only fake-score-only one.
     """
     if method not in DISTILLATION_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {DISTILLATION_METHODS}")
-    if nimg < fake_only_kimg * 1000:
+    if method == "sid":
+        return "sid"
+    if nimg <= fake_only_kimg * 1000:
         return "fake_only"
-    if method == "sid" or nimg <= sid_only_kimg * 1000:
+    if nimg <= sid_only_kimg * 1000:
         return "sid"
     return "sida"
 

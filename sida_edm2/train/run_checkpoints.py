@@ -10,13 +10,21 @@ Layout under <run-dir>:
     export-latest.safetensors/.json     the newest of those (decode_samples.py looks for this name)
 
 A checkpoint is assembled in checkpoints/.tmp-<name>/ and renamed when every rank has written its part,
-then `latest` is replaced; a run killed at any point leaves the previous checkpoint intact.
+then `latest` is replaced, then the exports are written; a run killed at any point leaves the previous
+checkpoint intact. A rerun resumes from the newest complete checkpoint directory (`latest` is only
+rewritten to name it, never trusted over the directories) and rewrites that checkpoint's exports from
+its EMA, so a kill between the checkpoint and its exports, or a rerun of a finished run, leaves the
+exports an uninterrupted run would have. A checkpoint with a missing file is skipped; one with a
+truncated or unreadable file stops the run with an error naming the file; checkpoints that exist but
+are all incomplete stop it too (it never starts over them).
 """
 
 import json
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +37,10 @@ LATEST = "latest"
 STATE = "state.json"
 EMA = "ema.pt"
 ENGINE_TAGS = {"G": "generator", "F": "fake score"}
+
+
+class ResumeError(ConfigError):
+    """The run directory holds checkpoints that cannot be resumed from; nothing was changed."""
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -46,14 +58,66 @@ def export_path(run_dir: str | os.PathLike, nimg: int | None) -> Path:
 
 
 def find_latest(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory of the run, or None for a fresh run."""
-    pointer = checkpoint_root(run_dir) / LATEST
-    if not pointer.is_file():
+    """The newest complete checkpoint directory of the run, or None when it has no checkpoint at all.
+
+    Raises ResumeError when the newest checkpoint that has all its files holds a truncated or
+    unreadable one, and when checkpoints exist but none is complete."""
+    root = checkpoint_root(run_dir)
+    candidates = sorted((p for p in root.glob("ckpt-*") if p.is_dir()), reverse=True)
+    skipped = []
+    for path in candidates:
+        missing = _missing_file(path)
+        if missing is None:
+            return path
+        skipped.append(f"{path.name} lacks {missing}")
+    if skipped:
+        raise ResumeError(
+            f"{root} holds checkpoints but none is complete ({'; '.join(skipped)}): refusing to start over "
+            "them; move them away or use a new --run-dir"
+        )
+    return None
+
+
+def read_pointer(run_dir: str | os.PathLike) -> str | None:
+    """What `latest` names, or None when it is missing or unreadable."""
+    try:
+        return (checkpoint_root(run_dir) / LATEST).read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
         return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    if not (path / STATE).is_file():
-        raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint")
-    return path
+
+
+def write_pointer(run_dir: str | os.PathLike, name: str) -> None:
+    _write_text_atomic(checkpoint_root(run_dir) / LATEST, name)
+
+
+def _expected_files(path: Path, state: dict) -> list[Path]:
+    config = state.get("config", {})
+    tags = ["F"] if config.get("method") == "edm2" else ["G", "F"]
+    ranks = range(int(config.get("world_size", 1)))
+    return [path / EMA, *(path / f"rng-rank{r:05d}.pt" for r in ranks), *(path / tag for tag in tags)]
+
+
+def _missing_file(path: Path) -> str | None:
+    """The first file that `path` lacks (None: all there); ResumeError when one is there but damaged."""
+    state_file = path / STATE
+    if not state_file.is_file():
+        return STATE
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not {"nimg", "iteration", "segment", "config"} <= state.keys():
+            raise ValueError("not a checkpoint state")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ResumeError(f"damaged checkpoint file {state_file}: {err}") from None
+    for expected in _expected_files(path, state):
+        if not expected.exists() or (expected.is_dir() and not any(expected.iterdir())):
+            return expected.name
+    # torch.save writes zip archives, whose directory is at the end: a truncated file has none.
+    for file in sorted(path.rglob("*.pt")):
+        try:
+            zipfile.ZipFile(file).close()
+        except (OSError, zipfile.BadZipFile) as err:
+            raise ResumeError(f"damaged checkpoint file {file} (truncated or unreadable: {err})") from None
+    return None
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -133,7 +197,7 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)  # a newer checkpoint of an earlier, killed attempt
         os.rename(tmp, final)
-        _write_text_atomic(root / LATEST, name)
+        write_pointer(run_dir, name)
         _prune(root, keep, protect=name)
     torch.distributed.barrier()
     return final
@@ -146,10 +210,13 @@ def _prune(root: Path, keep: int, protect: str) -> None:
             shutil.rmtree(root / name)
 
 
-def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
-    """Delete .tmp-* directories a killed run left behind (rank 0, before anyone writes)."""
+def remove_partial_files(run_dir: str | os.PathLike) -> None:
+    """Delete what a killed run left half-written (rank 0, before anyone writes): checkpoints/.tmp-*
+    directories, the pointer's temporary file and the exports' (.export-*.tmp-*)."""
     for path in checkpoint_root(run_dir).glob(".tmp-*"):
         shutil.rmtree(path, ignore_errors=True)
+    for path in [*checkpoint_root(run_dir).glob(f"{LATEST}.tmp"), *Path(run_dir).glob(".export-*.tmp-*")]:
+        path.unlink(missing_ok=True)
 
 
 def read_state(path: Path) -> dict:
@@ -159,19 +226,30 @@ def read_state(path: Path) -> dict:
 
 def load_checkpoint(path: Path, engines: dict, ema, rank: int) -> dict:
     """Load both engines (weights, optimizer, loss scaler, step counters), the EMA (rank 0) and return
-    this rank's RNG states (collective)."""
+    this rank's RNG states (collective). A file that cannot be read gives a ResumeError naming it."""
     for tag, engine in engines.items():
-        loaded, _ = engine.load_checkpoint(
-            str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        try:
+            loaded, _ = engine.load_checkpoint(
+                str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as err:
+            what = ENGINE_TAGS.get(tag, tag)
+            raise ResumeError(f"cannot load the {what} from {path / tag}: {err}") from None
         if loaded is None:
-            raise RuntimeError(f"could not load the {ENGINE_TAGS.get(tag, tag)} from {path / tag}")
+            raise ResumeError(f"could not load the {ENGINE_TAGS.get(tag, tag)} from {path / tag}")
     if ema is not None:
-        ema.load_state_dict(torch.load(path / EMA, map_location="cpu", weights_only=True))
+        ema.load_state_dict(_torch_load(path / EMA))
     rng_file = path / f"rng-rank{rank:05d}.pt"
     if not rng_file.is_file():
-        raise RuntimeError(f"{rng_file} missing: the checkpoint was written by fewer ranks")
-    return torch.load(rng_file, weights_only=True)
+        raise ResumeError(f"{rng_file} missing: the checkpoint was written by fewer ranks")
+    return _torch_load(rng_file)
+
+
+def _torch_load(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ResumeError(f"damaged checkpoint file {file}: {err}") from None
 
 
 def write_exports(module: torch.nn.Module, run_dir: str | os.PathLike, nimg: int) -> Path:

@@ -64,11 +64,13 @@ from sida_edm2.train.run_checkpoints import (
     check_resume_config,
     find_latest,
     load_checkpoint,
+    read_pointer,
     read_state,
-    remove_partial_checkpoints,
+    remove_partial_files,
     restore_rng,
     save_checkpoint,
     write_exports,
+    write_pointer,
 )
 
 
@@ -91,7 +93,7 @@ class Trainer:
         self.use_real_data = cfg.method != "sid"
         if self.rank == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            remove_partial_checkpoints(cfg.run_dir)
+            remove_partial_files(cfg.run_dir)
         torch.distributed.barrier()
         self.log = RunLog(cfg.run_dir, self.rank)
         seed_everything(derived_seed(cfg.seed, self.rank))
@@ -103,6 +105,7 @@ class Trainer:
         self.skipped = {"steps_g": 0, "steps_f": 0}  # optimizer steps skipped for non-finite gradients
         self.stats = TickStats(self.device)
         self._resume_or_start()
+        self.loader = None  # the segment's LatentLoader (None: no real data, or data_iter)
         self.data = data_iter if data_iter is not None else self._open_segment_data()
         self._external_data = data_iter is not None
 
@@ -276,6 +279,11 @@ class Trainer:
             module = copy.deepcopy(module).to(device)
         return module
 
+    def _reduced_stats(self) -> dict:
+        """The tick's stats over all ranks (collective), the reader's skipped shards and samples included."""
+        self._count_unreadable()
+        return self.stats.reduce()
+
     def _run_config(self) -> dict:
         return {**self.cfg.to_dict(), "world_size": self.world_size, "precision": self.precision}
 
@@ -297,15 +305,35 @@ class Trainer:
         self.nimg, self.iteration, self.segment = state["nimg"], state["iteration"], state["segment"]
         self.skipped = state["skipped"]
         restore_rng(rng, self.noise)
+        if self.rank == 0:
+            pointer = read_pointer(self.cfg.run_dir)
+            if pointer != latest.name:
+                self.log.message(f"checkpoints/latest named {pointer!r}; newest complete: {latest.name}")
+                write_pointer(self.cfg.run_dir, latest.name)
+            # A kill between the checkpoint and its exports (or a rerun of a finished run) must leave the
+            # exports this checkpoint's EMA gives: rewrite them, they are cheap next to a checkpoint.
+            write_exports(self.ema.module, self.cfg.run_dir, self.nimg)
         self.log.message(
             f"resumed from {latest} at kimg {self.nimg / 1000:.3f}"
             + (f" (changed settings: {', '.join(changed)})" if changed else "")
         )
 
+    def _count_unreadable(self) -> None:
+        """Add the shards and samples the reader skipped since the last call to the tick's counts (every
+        rank calls it at the same points, so that TickStats sees the same names everywhere)."""
+        if self.loader is None:
+            return
+        now = (self.loader.skipped_shards, self.loader.skipped_samples)
+        self.stats.add("skipped/unreadable_shards/count", now[0] - self._unreadable_seen[0])
+        self.stats.add("skipped/unreadable_samples/count", now[1] - self._unreadable_seen[1])
+        self._unreadable_seen = now
+
     def _open_segment_data(self):
         if not self.use_real_data:
             return None
-        return open_real_data(
+        self._count_unreadable()  # what the previous segment's reader skipped, before it is replaced
+        self._unreadable_seen = (0, 0)
+        self.loader = open_real_data(
             self.cfg.data,
             self.cfg.batch_gpu,
             rank=self.rank,
@@ -314,6 +342,7 @@ class Trainer:
             segment=self.segment,
             num_workers=self.cfg.num_workers,
         )
+        return iter(self.loader)
 
     def save(self) -> None:
         """Checkpoint (engines, EMA, counters, RNG states), exports, then the next data segment."""
@@ -371,7 +400,7 @@ class Trainer:
             if crossed("tick") or done:
                 elapsed = time.perf_counter() - tick_start
                 values = tick_values(
-                    self.stats.reduce(), self, phase, elapsed, maintenance, self.nimg - tick_nimg
+                    self._reduced_stats(), self, phase, elapsed, maintenance, self.nimg - tick_nimg
                 )
                 self.log.tick(values)
                 tick_start, tick_nimg, maintenance = time.perf_counter(), self.nimg, 0.0
