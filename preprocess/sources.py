@@ -13,10 +13,14 @@ Layouts, decided from the files themselves (after stripping single wrapper folde
 - Any other tree of images: unlabelled (num_classes 0).
 - EDM2's already-encoded latents (img512-sd.zip): `.npy` arrays [8, h, w] (mean then std) plus
   dataset.json; kind "edm2-latents", imported without re-encoding.
-Keys are the file stems (characters other than letters, digits, '_' and '-' become '_'); when stems
-collide, the relative paths are used instead.
+Keys are the file stems (characters other than letters, digits, '_' and '-' become '_', leading '_' are
+dropped); when stems collide, the relative paths are used instead, and keys that still collide get a
+numeric suffix. Any file name thus gives a valid, unique webdataset key. When a tar holds several
+members of one name, the last one is used (as `tar x` would leave it) and the others are listed as
+skipped.
 """
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -71,13 +75,17 @@ def _strip_wrappers(names: list[str]) -> str:
     while True:
         rest = [n[len(root) + 1 :] if root else n for n in names]
         tops = {r.split("/", 1)[0] for r in rest}
-        if len(tops) != 1 or any("/" not in r for r in rest) or SYNSET.match(next(iter(tops))):
+        top = next(iter(tops))
+        # An absolute member name ("/data/x.png") has an empty first part: that is no wrapper folder.
+        if len(tops) != 1 or any("/" not in r for r in rest) or not top or SYNSET.match(top):
             return root
-        root = f"{root}/{next(iter(tops))}" if root else next(iter(tops))
+        root = f"{root}/{top}" if root else top
 
 
 def _sanitise(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
+    """A valid webdataset key: no '.' (its key/extension separator), no leading '_' (webdataset's own
+    fields such as __key__ start with one), never empty."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", text).lstrip("_") or "file"
 
 
 def _unique_keys(paths: list[str]) -> list[str]:
@@ -85,11 +93,15 @@ def _unique_keys(paths: list[str]) -> list[str]:
     if len(set(keys)) == len(keys):
         return keys
     keys = [_sanitise(str(PurePosixPath(p).with_suffix(""))) for p in paths]
-    seen: dict[str, int] = {}
-    unique = []
+    natural, used, unique = set(keys), set(), []
     for key in keys:  # sanitising can still merge names ("a.b" / "a_b"): number the repeats, in order
-        seen[key] = seen.get(key, 0) + 1
-        unique.append(key if seen[key] == 1 else f"{key}-{seen[key]}")
+        candidate, n = key, 1
+        # A numbered key must not take the plain key of a later file ("a", "a", "a-2").
+        while candidate in used or (n > 1 and candidate in natural):
+            n += 1
+            candidate = f"{key}-{n}"
+        used.add(candidate)
+        unique.append(candidate)
     return unique
 
 
@@ -109,7 +121,13 @@ def open_source(path: str) -> Source:
     if not listing:
         raise SourceError(f"source {path} is empty")
     root = _strip_wrappers([name for name, _ in listing])
-    files = {(name[len(root) + 1 :] if root else name): loc for name, loc in listing}
+    named = [(name[len(root) + 1 :] if root else name, loc) for name, loc in listing]
+    files = dict(named)  # a tar may repeat a name: the last member wins, as when it is unpacked
+    replaced = [
+        {"path": name, "reason": "a later member of the same name replaces it"}
+        for (name, _), (following, _) in itertools.pairwise(named)
+        if name == following
+    ]
     images = [n for n in files if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS]
     arrays = [n for n in files if PurePosixPath(n).suffix.lower() == ".npy"]
     label_member = f"{root}/{LABEL_FILE}" if root else LABEL_FILE
@@ -148,7 +166,7 @@ def open_source(path: str) -> Source:
         items=items,
         num_classes=num_classes,
         classes=classes or [str(i) for i in range(num_classes)],
-        skipped=skipped,
+        skipped=replaced + skipped,
         ignored_files=ignored,
         root=root,
     )

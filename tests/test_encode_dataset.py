@@ -1,6 +1,8 @@
 """encode_dataset.py end to end on CPU: real image files, a tiny real AutoencoderKL, real shards."""
 
+import io
 import json
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -196,3 +198,32 @@ def test_rerun_with_other_options_is_refused(tmp_path):
     assert _run(*args, "--shard-size", 2).exit_code == 0  # same job: nothing left to do, manifest again
     other = _run(*args, "--shard-size", 3)
     assert other.exit_code == 1 and "holds another encoding job (shard_size: 2 -> 3)" in other.output
+
+
+def _add_tar_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_any_file_name_gives_a_valid_unique_key(vae_dir, tmp_path):
+    images = [encode_file(random_rgb(40, 40, seed), "PNG") for seed in range(8)]
+    names = ["_lead.png", "__.png", "/abs/x/a.png", "/abs/y/a.png", "b.c.png", "b_c.png", "b-c-2.png"]
+    with tarfile.open(tmp_path / "odd.tar", "w") as tar:
+        for name, data in zip(names, images, strict=False):
+            _add_tar_member(tar, name, data)
+        _add_tar_member(tar, "_lead.png", images[7])  # a second member of that name replaces the first
+    result = _encode(tmp_path / "odd.tar", tmp_path / "out", vae_dir, "--verify")
+    assert result.exit_code == 0, result.output
+    manifest, samples = _samples(tmp_path / "out")
+    keys = sorted(s.key for s in samples)
+    assert len(keys) == len(set(keys)) == manifest["num_samples"] == len(names)
+    assert all(not k.startswith("_") and "." not in k for k in keys), keys
+    assert manifest["skipped"] == [
+        {"path": "_lead.png", "reason": "a later member of the same name replaces it"}
+    ]
+    lead = next(s for s in samples if s.info["source"] == "_lead.png")
+    vae = load_vae(str(vae_dir))
+    pixels = center_crop_dhariwal(decode_image(images[7])[0], 32)
+    expected = vae.encode(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255)
+    np.testing.assert_allclose(lead.mean, expected.latent_dist.mean[0].numpy(), atol=1e-5)

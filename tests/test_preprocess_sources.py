@@ -3,6 +3,7 @@
 import io
 import json
 import tarfile
+import threading
 import zipfile
 
 import numpy as np
@@ -152,3 +153,27 @@ def test_source_errors(tmp_path):
     (tmp_path / "plain.bin").write_bytes(b"just some bytes, not an archive\n" * 40)
     with pytest.raises(SourceError, match="neither"):
         open_source(str(tmp_path / "plain.bin"))
+
+
+def test_tar_of_absolute_names_is_listed(tmp_path):
+    # Such a tar (made with `tar -P`) once sent the wrapper-folder search into an endless loop.
+    with tarfile.open(tmp_path / "abs.tar", "w") as tar:
+        for i, name in enumerate(["/data/x/a.png", "/data/y/a.png"]):
+            data = encode_file(random_rgb(40, 40, i), "PNG")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = []
+    # A daemon thread: if the loop came back, the test fails after 30 s instead of hanging pytest.
+    listing = threading.Thread(
+        target=lambda: result.append(open_source(str(tmp_path / "abs.tar"))), daemon=True
+    )
+    listing.start()
+    listing.join(timeout=30)
+    assert result, "listing a tar of absolute names did not finish"
+    source = result[0]
+    assert [(i.key, i.path) for i in source.items] == [
+        ("data_x_a", "/data/x/a.png"),
+        ("data_y_a", "/data/y/a.png"),
+    ]
+    assert source.read(source.items[1]) == encode_file(random_rgb(40, 40, 1), "PNG")
