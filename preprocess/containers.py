@@ -26,11 +26,21 @@ class Container:
         self._pid = None
 
     def listing(self) -> list[tuple[str, tuple]]:
-        files = []
+        """Every file once: symlinks are followed (a tree of links to the data works), but a folder or
+        file reached again through another link (a link loop, a second link to it) is not listed again."""
+        files, seen = [], set()
         for dirpath, dirnames, filenames in os.walk(self.path, followlinks=True):
-            dirnames.sort()
+            seen.add(os.path.realpath(dirpath))
+            dirnames[:] = sorted(
+                d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen
+            )
+            seen.update(os.path.realpath(os.path.join(dirpath, d)) for d in dirnames)
             rel = Path(dirpath).relative_to(self.path)
-            files.extend(((rel / name).as_posix(), ()) for name in filenames)
+            for name in sorted(filenames):
+                real = os.path.realpath(os.path.join(dirpath, name))
+                if real not in seen:
+                    seen.add(real)
+                    files.append(((rel / name).as_posix(), ()))
         return sorted(files)
 
     def read(self, name: str, location: tuple = ()) -> bytes:

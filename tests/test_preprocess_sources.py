@@ -177,3 +177,16 @@ def test_tar_of_absolute_names_is_listed(tmp_path):
         ("data_y_a", "/data/y/a.png"),
     ]
     assert source.read(source.items[1]) == encode_file(random_rgb(40, 40, 1), "PNG")
+
+
+def test_symlink_loops_and_repeated_links_list_each_file_once(tmp_path):
+    files = {
+        f"{s}/{s}_{i}.JPEG": encode_file(random_rgb(40, 40, i), "JPEG") for s in SYNSETS[:2] for i in (0, 1)
+    }
+    looped = write_tree(tmp_path / "looped", files)
+    (looped / SYNSETS[0] / "loop").symlink_to("..")  # a link back up: os.walk went round it dozens of times
+    (looped / SYNSETS[1] / "same.JPEG").symlink_to(looped / SYNSETS[1] / f"{SYNSETS[1]}_0.JPEG")
+    linked = write_tree(tmp_path / "linked", files)
+    (linked / SYNSETS[1] / "again").symlink_to(linked / SYNSETS[0])  # a second way into a folder
+    for root in (looped, linked):
+        assert sorted(i.path for i in open_source(str(root)).items) == sorted(files)
