@@ -33,7 +33,7 @@ from latent.encode_plan import (
 from latent.manifest import MANIFEST, build_manifest, write_json_atomic
 from latent.shard_format import LatentSample
 from latent.shards import shard_name, write_shard
-from latent.vae import DEFAULT_VAE, encode_moments, load_vae, vae_revision
+from latent.vae import DEFAULT_VAE, downsampling_factor, encode_moments, load_vae, vae_revision
 from preprocess.prepared import PreparedItems, collate_prepared
 from preprocess.sources import Source, open_source, spread_subset
 
@@ -222,6 +222,23 @@ def _write_manifest(dest: Path, source: Source, plan: EncodePlan, options: Encod
     return manifest
 
 
+def _load_checked_vae(options: EncodeOptions, device: torch.device):
+    """The VAE, once it is known to represent --resolution exactly (EncodeError otherwise)."""
+    try:
+        vae = load_vae(options.vae, device, DTYPES[options.dtype])
+    except OSError as exn:
+        raise EncodeError(f"cannot load the VAE {options.vae!r}: {exn}") from None
+    factor = downsampling_factor(vae)
+    if options.resolution % factor:
+        lower = options.resolution // factor * factor
+        raise EncodeError(
+            f"--resolution {options.resolution} is not a multiple of {factor}, the downsampling factor of "
+            f"the VAE {options.vae}: its latents would cover only {lower} pixels; use "
+            f"{max(lower, factor)} or {lower + factor}"
+        )
+    return vae
+
+
 def run_encode(options: EncodeOptions) -> dict | None:
     """Encode (or finish encoding) a dataset; returns the manifest on rank 0, None on other ranks.
 
@@ -238,6 +255,7 @@ def run_encode(options: EncodeOptions) -> dict | None:
             raise EncodeError(f"--device {options.device}: no CUDA device is available here")
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels
+    vae = _load_checked_vae(options, device) if source.kind == "images" else None
     dest = prepare_dest(options.dest)
     handler = _attach_log_file(dest, rank)
     try:
@@ -248,12 +266,6 @@ def run_encode(options: EncodeOptions) -> dict | None:
         todo = f"{len(shards)} of {plan.num_shards} shards to encode"
         log.info("rank %d/%d: %s (%s)", rank, world_size, todo, device)
         if shards:
-            vae = None
-            if source.kind == "images":
-                try:
-                    vae = load_vae(options.vae, device, DTYPES[options.dtype])
-                except OSError as exn:
-                    raise EncodeError(f"cannot load the VAE {options.vae!r}: {exn}") from None
             _encode_shards(source, plan, items, shards, dest, options, vae, rank)
         if world_size > 1:
             torch.distributed.barrier()

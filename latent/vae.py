@@ -83,6 +83,11 @@ def vae_revision(name_or_path: str, revision: str | None = None) -> str:
     return revision or "unknown"
 
 
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along each side: 2 per down block after the first (8 for the SD-VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _vae_device_dtype(vae: AutoencoderKL) -> tuple[torch.device, torch.dtype]:
     parameter = next(vae.parameters())
     return parameter.device, parameter.dtype

@@ -227,3 +227,22 @@ def test_any_file_name_gives_a_valid_unique_key(vae_dir, tmp_path):
     pixels = center_crop_dhariwal(decode_image(images[7])[0], 32)
     expected = vae.encode(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255)
     np.testing.assert_allclose(lead.mean, expected.latent_dist.mean[0].numpy(), atol=1e-5)
+
+
+def test_resolution_the_vae_cannot_represent_is_refused(tree, vae_dir, tmp_path):
+    result = _encode(tree, tmp_path / "out", vae_dir, "--resolution", 100)
+    assert result.exit_code == 1, result.output
+    assert "--resolution 100 is not a multiple of 8" in result.output and "use 96 or 104" in result.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert _encode(tree, tmp_path / "ok", vae_dir, "--resolution", 40, "--limit", 2).exit_code == 0
+
+
+def test_rerun_with_changed_vae_weights_is_refused(tree, tmp_path):
+    vae_dir = save_tiny_vae(tmp_path / "vae", seed=0)
+    assert _encode(tree, tmp_path / "out", vae_dir, "--limit", 6).exit_code == 0
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    save_tiny_vae(vae_dir, seed=1)  # other weights at the same path
+    rerun = _encode(tree, tmp_path / "out", vae_dir, "--limit", 6)
+    assert rerun.exit_code == 1
+    assert "was encoded with other weights of the VAE" in rerun.output and "local-sha256:" in rerun.output
+    assert (tmp_path / "out" / "manifest.json").read_text() == manifest
