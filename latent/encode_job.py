@@ -88,6 +88,7 @@ def _attach_log_file(dest: Path, rank: int) -> logging.Handler:
 
 def _make_plan(source: Source, items: list, options: EncodeOptions) -> EncodePlan:
     images = source.kind == "images"
+    # After load_vae: a hub id's commit is known once its files are in the local cache.
     return EncodePlan(
         source=str(Path(options.source).resolve()),
         source_kind=source.kind,
@@ -96,6 +97,7 @@ def _make_plan(source: Source, items: list, options: EncodeOptions) -> EncodePla
         shard_size=options.shard_size,
         resolution=options.resolution if images else None,
         vae=options.vae if images else None,
+        vae_weights=vae_revision(options.vae) if images else None,
         dtype=options.dtype if images else None,
         storage_dtype=options.storage_dtype,
         flip=options.flip,

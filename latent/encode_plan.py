@@ -39,6 +39,7 @@ class EncodePlan:
     shard_size: int  # items per shard
     resolution: int | None  # None for EDM2 latent imports (the latents fix it)
     vae: str | None  # hub id or directory (None for imports)
+    vae_weights: str | None  # what identifies the weights (latent.vae.vae_revision): hub commit or sha256
     dtype: str | None  # VAE compute dtype
     storage_dtype: str  # float32 or float16
     flip: bool  # flipped moments stored too
@@ -83,6 +84,13 @@ def check_or_write_plan(dest: Path, plan: EncodePlan) -> None:
         differences = [
             f"{k}: {existing.get(k)!r} -> {v!r}" for k, v in wanted.items() if existing.get(k) != v
         ]
+        old_weights = existing.get("vae_weights")
+        if old_weights != plan.vae_weights and existing.get("vae") == plan.vae:
+            raise EncodeError(
+                f"{dest} was encoded with other weights of the VAE {plan.vae} ({old_weights}, now "
+                f"{plan.vae_weights}): resuming would mix latents of two VAEs. Restore the original "
+                "weights to resume, or use a new --dest."
+            )
         if differences:
             raise EncodeError(
                 f"{dest} holds another encoding job ({'; '.join(differences)}). "

@@ -71,9 +71,10 @@ def vae_revision(name_or_path: str, revision: str | None = None) -> str:
         if not weights:
             return "local:unknown"
         digest = hashlib.sha256()
-        with open(weights[0], "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        for weight_file in weights:  # every shard of the weights, in a fixed order
+            with open(weight_file, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
         return f"local-sha256:{digest.hexdigest()}"
     from huggingface_hub import try_to_load_from_cache
 
