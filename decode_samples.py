@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from latent.vae import load_vae
-from sida_edm2.io.network_files import load_network
+from sida_edm2.io.network_files import UNUSABLE_CHECKPOINT, load_network
 from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample import metrics as fd
 from sida_edm2.sample.generate_images import resolve_network_path, write_images
@@ -169,13 +169,19 @@ def main(
 
     outdir = Path(outdir)
     tree = outdir if "png" in formats else outdir / STAGING_DIR
-    network_path = resolve_network_path(generator)
+    try:
+        network_path = resolve_network_path(generator)
+    except FileNotFoundError as err:
+        raise click.BadParameter(str(err), param_hint="--generator") from None
     if rank == 0:
         click.echo(
             f"network {network_path}; {len(seeds)} seeds -> {outdir} ({', '.join(formats)}), "
             f"{world_size} process(es), {str(dtype).removeprefix('torch.')} on {device}"
         )
-    net = load_network(network_path, device=device)
+    try:
+        net = load_network(network_path, device=device)
+    except UNUSABLE_CHECKPOINT as err:
+        raise click.ClickException(str(err)) from None
     vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
     made = write_images(
         net,

@@ -29,7 +29,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from sida_edm2.io.safe_unpickle import PersistentObject, TorchModuleRecord, load_pickle
+from sida_edm2.io.safe_unpickle import PersistentObject, TorchModuleRecord, UnsafePickleError, load_pickle
 from sida_edm2.model.networks import Block, Precond, UNet
 
 EXPORT_FORMAT = "sida-edm2-export"
@@ -42,8 +42,31 @@ RELEASE_TRAINING_KWARGS = ("force_normalization", "use_gan")
 _SET_PER_BLOCK = set("self in_channels out_channels emb_channels flavor resample_mode attention".split())
 
 
+# What --generator, --teacher and --init-generator accept, for error messages.
+ACCEPTED_FORMATS = "an EDM2 or SiD/SiDA .pkl snapshot, or an export .safetensors with its .json"
+# What reading a damaged or foreign file can raise anywhere in the parsers (random bytes, a truncated
+# pickle or safetensors, a pickle of other objects); read_checkpoint turns it into a CheckpointError.
+_PARSE_ERRORS = (
+    OSError,
+    EOFError,
+    pickle.UnpicklingError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    RuntimeError,
+    safetensors.SafetensorError,
+)
+
+
 class CheckpointError(ValueError):
     """The file is not a network checkpoint this module can read, or does not match Precond."""
+
+
+# Everything a CLI reports as "this file cannot be used" (one line, no traceback): the refusal of an
+# unsafe pickle is an UnpicklingError of its own, kept apart so that callers can tell it from damage.
+UNUSABLE_CHECKPOINT = (CheckpointError, UnsafePickleError)
 
 
 @dataclass
@@ -53,16 +76,57 @@ class NetworkCheckpoint:
     init_kwargs: dict  # Precond keyword arguments
     state_dict: dict[str, torch.Tensor]  # tensors in their saved dtype (fp16 in official pickles)
     source: dict = field(default_factory=dict)  # provenance: path, format, saved class name, VAE encoder
+    path: str = ""  # the file read (what errors name)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def read_checkpoint(path: str | Path) -> NetworkCheckpoint:
-    """Read a `.pkl` snapshot or an export (`.safetensors` or its `.json`) without building the network."""
+    """Read a `.pkl` snapshot or an export (`.safetensors` or its `.json`) without building the network.
+
+    A missing, damaged or foreign file raises a one-line CheckpointError naming it and the accepted
+    formats; a pickle that names a global outside the allowlist raises UnsafePickleError."""
     path = Path(path)
-    if path.suffix == ".pkl":
-        return _read_persistence_pickle(path)
-    if path.suffix in (".safetensors", ".json"):
-        return _read_export(path)
-    raise CheckpointError(f"{path}: unknown checkpoint type (expected .pkl, .safetensors or .json)")
+    if path.suffix not in (".pkl", ".safetensors", ".json"):
+        raise CheckpointError(f"{path}: unknown checkpoint type; expected {ACCEPTED_FORMATS}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; expected {ACCEPTED_FORMATS}")
+    try:
+        checkpoint = _read_persistence_pickle(path) if path.suffix == ".pkl" else _read_export(path)
+    except UnsafePickleError:
+        raise
+    except CheckpointError as err:  # readable, but not a network of a known layout
+        message = _one_line(err) if str(path) in str(err) else f"{path}: {_one_line(err)}"
+        raise CheckpointError(f"{message}; expected {ACCEPTED_FORMATS}") from err
+    except _PARSE_ERRORS as err:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {_one_line(err)}); "
+            f"expected {ACCEPTED_FORMATS}"
+        ) from err
+    checkpoint.path = str(path)
+    return checkpoint
+
+
+def state_shapes(state: dict) -> dict[str, tuple]:
+    """Tensor name -> shape of a state dict."""
+    return {name: tuple(t.shape) for name, t in state.items()}
+
+
+def describe_mismatch(expected: dict, got: dict, limit: int = 5) -> str:
+    """What differs between two `state_shapes` (missing and unexpected names, other shapes), briefly."""
+    missing = sorted(set(expected) - set(got))[:limit]
+    extra = sorted(set(got) - set(expected))[:limit]
+    shapes = [
+        f"{k}: {got[k]} vs {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]
+    ]
+    parts = [
+        f"missing {missing}" if missing else "",
+        f"unexpected {extra}" if extra else "",
+        f"shape differences {shapes[:limit]}" if shapes else "",
+    ]
+    return "; ".join(p for p in parts if p)
 
 
 def build_network(checkpoint: NetworkCheckpoint, device: str | torch.device = "cpu") -> Precond:
@@ -72,13 +136,16 @@ def build_network(checkpoint: NetworkCheckpoint, device: str | torch.device = "c
     try:
         net = Precond(**kwargs)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"cannot build Precond(**{kwargs}): {err}") from err
+        raise CheckpointError(
+            f"{checkpoint.path}: cannot build Precond(**{kwargs}): {_one_line(err)}"
+        ) from err
     try:
         # load_state_dict copies into the fp32 parameters, which converts fp16 weights.
         net.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as err:
+        mismatch = describe_mismatch(state_shapes(net.state_dict()), state_shapes(checkpoint.state_dict))
         raise CheckpointError(
-            f"weights of {checkpoint.source.get('path')} do not fit Precond(**{kwargs}): {err}"
+            f"{checkpoint.path}: its weights do not fit Precond(**{kwargs}) ({mismatch})"
         ) from err
     return net.float().to(device).eval().requires_grad_(False)
 
@@ -303,7 +370,7 @@ def convert(src: Path, dst: Path) -> None:
     try:
         checkpoint = read_checkpoint(src)
         net = build_network(checkpoint)
-    except (CheckpointError, pickle.UnpicklingError) as err:  # incl. UnsafePickleError
+    except UNUSABLE_CHECKPOINT as err:
         raise click.ClickException(str(err)) from err
     weights_path, config_path = save_export(net, dst, source=checkpoint.source)
     num_params = sum(p.numel() for p in net.parameters())

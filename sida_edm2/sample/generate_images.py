@@ -15,6 +15,7 @@ import torch
 import tqdm
 
 from latent.vae import decode_to_uint8
+from sida_edm2.io.network_files import ACCEPTED_FORMATS
 from sida_edm2.sample.sample_files import PngWriter, missing_seeds
 from sida_edm2.sample.sampling import generate_latents, teacher_latents
 from sida_edm2.sample.seeds import batches, rank_slice
@@ -33,7 +34,7 @@ def resolve_network_path(path: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"no network file or run directory at {path}")
+        raise FileNotFoundError(f"no network file or run directory at {path}; expected {ACCEPTED_FORMATS}")
     if (path / EXPORT_LATEST).is_file():
         return path / EXPORT_LATEST
     for pattern in EXPORT_PATTERNS:

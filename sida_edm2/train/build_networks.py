@@ -15,30 +15,12 @@ import dataclasses
 
 import torch
 
-from sida_edm2.io.network_files import CheckpointError, load_network
+from sida_edm2.io.network_files import UNUSABLE_CHECKPOINT, describe_mismatch, load_network, state_shapes
 from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import get_preset
 from sida_edm2.train.config import ConfigError, TrainConfig
 
 LOGVAR_PREFIX = "logvar_"
-
-
-def _shapes(state: dict) -> dict[str, tuple]:
-    return {name: tuple(t.shape) for name, t in state.items()}
-
-
-def _describe_mismatch(expected: dict, got: dict, limit: int = 5) -> str:
-    missing = sorted(set(expected) - set(got))[:limit]
-    extra = sorted(set(got) - set(expected))[:limit]
-    shapes = [
-        f"{k}: {got[k]} vs {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]
-    ]
-    parts = [
-        f"missing {missing}" if missing else "",
-        f"unexpected {extra}" if extra else "",
-        f"shape differences {shapes[:limit]}" if shapes else "",
-    ]
-    return "; ".join(p for p in parts if p)
 
 
 def load_teacher(cfg: TrainConfig) -> tuple[Precond, dict | None]:
@@ -49,16 +31,16 @@ def load_teacher(cfg: TrainConfig) -> tuple[Precond, dict | None]:
     """
     try:
         teacher = load_network(cfg.teacher)
-    except CheckpointError as err:
-        raise ConfigError(f"--teacher {cfg.teacher}: {err}") from None
+    except UNUSABLE_CHECKPOINT as err:
+        raise ConfigError(f"--teacher: {err}") from None
     network = get_preset(cfg.preset)["network"]
     with torch.device("meta"):
         reference = Precond(**network)
-    expected, got = _shapes(reference.state_dict()), _shapes(teacher.state_dict())
+    expected, got = state_shapes(reference.state_dict()), state_shapes(teacher.state_dict())
     if expected != got:
         raise ConfigError(
             f"--teacher {cfg.teacher} does not have the architecture of preset {cfg.preset!r} "
-            f"({_describe_mismatch(expected, got)}); pick the preset that matches the teacher"
+            f"({describe_mismatch(expected, got)}); pick the preset that matches the teacher"
         )
     if teacher.logvar_linear is None:
         raise ConfigError(f"--teacher {cfg.teacher} has no logvar head: the fake score needs one")
@@ -104,13 +86,13 @@ def build_generator(cfg: TrainConfig, teacher: Precond) -> Precond:
     if cfg.init_generator:
         try:
             init = load_network(cfg.init_generator)
-        except CheckpointError as err:
-            raise ConfigError(f"--init-generator {cfg.init_generator}: {err}") from None
+        except UNUSABLE_CHECKPOINT as err:
+            raise ConfigError(f"--init-generator: {err}") from None
         init_state = _without_logvar(init.state_dict())
-        if _shapes(init_state) != _shapes(state):
+        if state_shapes(init_state) != state_shapes(state):
             raise ConfigError(
                 f"--init-generator {cfg.init_generator} does not match the teacher's architecture "
-                f"({_describe_mismatch(_shapes(state), _shapes(init_state))})"
+                f"({describe_mismatch(state_shapes(state), state_shapes(init_state))})"
             )
         state = init_state
     return _build_from(kwargs, state)

@@ -1,0 +1,104 @@
+"""Hostile inputs to the command lines: every one ends in one line that names the option or file, a
+non-zero exit and no traceback (real files on disk, real CLIs through click's CliRunner).
+
+    python -m pytest tests/test_cli_inputs.py
+"""
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers_sampling import tiny_net, tiny_vae
+from helpers_train import cli_args, make_dataset, make_teacher
+
+import decode_samples
+import train_edm2
+from sida_edm2.checkpoints import ACCEPTED_FORMATS, save_export
+
+# name -> how to make it from a good export (weights bytes, config text) in a folder.
+BAD_NETWORKS = ("missing.pkl", "random.pkl", "truncated.pkl", "list.pkl", "state.pt", "random.safetensors")
+BAD_NETWORKS += ("truncated.safetensors", "mismatch.safetensors")
+
+
+def _write_bad_network(root, name, good):
+    path = root / name
+    random_bytes = np.random.default_rng(0).bytes(4096)
+    weights, config = good.read_bytes(), good.with_suffix(".json").read_text()
+    if name == "random.pkl":
+        path.write_bytes(random_bytes)
+    elif name == "truncated.pkl":
+        path.write_bytes(pickle.dumps({"ema": list(range(1000))})[:100])
+    elif name == "list.pkl":
+        path.write_bytes(pickle.dumps([1, 2, 3]))
+    elif name == "state.pt":
+        torch.save({"w": torch.zeros(3)}, path)
+    elif name.endswith(".safetensors") and name != "mismatch.safetensors":
+        path.write_bytes(random_bytes if name.startswith("random") else weights[: len(weights) // 2])
+        path.with_suffix(".json").write_text(config)
+    elif name == "mismatch.safetensors":  # a config that does not describe the weights beside it
+        shutil.copy(good, path)
+        edited = json.loads(config)
+        edited["init_kwargs"]["model_channels"] *= 2
+        path.with_suffix(".json").write_text(json.dumps(edited))
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    good, _ = save_export(tiny_net(seed=0), root / "good.safetensors")
+    tiny_vae().save_pretrained(root / "vae")
+    bad = {name: _write_bad_network(root, name, good) for name in BAD_NETWORKS}
+    teacher = make_teacher(root / "teacher.safetensors")
+    return {
+        "root": root,
+        "good": good,
+        "bad": bad,
+        "teacher": teacher,
+        "data": make_dataset(root / "data", 8),
+    }
+
+
+def _assert_one_line_error(result, *fragments, code=None):
+    """The last line is click's error line holding every fragment; no traceback, a non-zero exit."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == code if code else result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    error = last if last.startswith("Error:") else result.output.strip().split("Error:")[-1]
+    for fragment in fragments:
+        assert fragment in error, result.output
+
+
+def _decode(assets, tmp_path, *args):
+    base = ["--vae", str(assets["root"] / "vae"), "--outdir", str(tmp_path / "out"), "--device", "cpu"]
+    return CliRunner().invoke(decode_samples.main, [*base, *map(str, args)])
+
+
+@pytest.mark.parametrize("name", BAD_NETWORKS)
+def test_decode_generator_that_cannot_be_used(assets, tmp_path, name):
+    result = _decode(assets, tmp_path, "--generator", assets["bad"][name], "--seeds", "0")
+    if name == "mismatch.safetensors":  # the file is read, but its weights do not fit its config
+        _assert_one_line_error(result, f"{assets['bad'][name]}: its weights do not fit", "shape differences")
+    else:
+        _assert_one_line_error(result, str(assets["bad"][name]), ACCEPTED_FORMATS)
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+@pytest.mark.parametrize("name", ["random.pkl", "truncated.safetensors", "state.pt", "mismatch.safetensors"])
+def test_train_teacher_and_init_generator_that_cannot_be_used(assets, tmp_path, name):
+    bad = assets["bad"][name]
+    expected = "its weights do not fit" if name == "mismatch.safetensors" else ACCEPTED_FORMATS
+    as_teacher = cli_args(bad, tmp_path / "run", assets["data"])
+    result = CliRunner().invoke(train_edm2.main, as_teacher)
+    _assert_one_line_error(result, f"--teacher: {bad}", expected, code=2)
+    as_init = cli_args(
+        assets["teacher"], tmp_path / "run", assets["data"], method="sid2a", init_generator=bad
+    )
+    result = CliRunner().invoke(train_edm2.main, as_init)
+    _assert_one_line_error(result, f"--init-generator: {bad}", expected, code=2)
+    assert not (tmp_path / "run").exists()
