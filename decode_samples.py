@@ -35,6 +35,7 @@ from sida_edm2.sample.sample_files import (
     write_grid_from_pngs,
     write_npz_from_pngs,
 )
+from sida_edm2.sample.sampling import check_sigmas
 from sida_edm2.sample.seeds import parse_int_list
 from sida_edm2.sample.torchrun_env import barrier, join_torchrun
 
@@ -43,11 +44,19 @@ STAGING_DIR = ".png-staging"  # the PNG tree when png is not a requested format 
 
 
 def _int_list(ctx, param, value):
-    return None if value is None else parse_int_list(value)
+    try:
+        return None if value is None else parse_int_list(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
-def _float_list(ctx, param, value):
-    return [float(v) for v in value.split(",") if v.strip()] if value else []
+def _sigma_list(ctx, param, value):
+    try:
+        sigmas = [float(v) for v in value.split(",") if v.strip()] if value else []
+        check_sigmas(sigmas)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    return sigmas
 
 
 def _formats(ctx, param, value):
@@ -73,7 +82,7 @@ def _formats(ctx, param, value):
     "--few-step-sigmas",
     "sigmas",
     default="",
-    callback=_float_list,
+    callback=_sigma_list,
     help="Few-step generation: re-noise and denoise at these decreasing sigmas < 2.5 (e.g. 1.0,0.3).",
 )
 @click.option(
@@ -172,7 +181,7 @@ def main(
     try:
         network_path = resolve_network_path(generator)
     except FileNotFoundError as err:
-        raise click.BadParameter(str(err), param_hint="--generator") from None
+        raise click.BadParameter(str(err), param_hint="'--generator'") from None
     if rank == 0:
         click.echo(
             f"network {network_path}; {len(seeds)} seeds -> {outdir} ({', '.join(formats)}), "
@@ -182,6 +191,13 @@ def main(
         net = load_network(network_path, device=device)
     except UNUSABLE_CHECKPOINT as err:
         raise click.ClickException(str(err)) from None
+    if classes is not None and not all(0 <= c < net.label_dim for c in classes):
+        raise click.BadParameter(
+            f"{network_path} has {net.label_dim} classes: use classes 0-{net.label_dim - 1}"
+            if net.label_dim
+            else f"{network_path} is unconditional: leave --classes out",
+            param_hint="'--classes'",
+        )
     vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
     made = write_images(
         net,

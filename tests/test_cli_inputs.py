@@ -102,3 +102,21 @@ def test_train_teacher_and_init_generator_that_cannot_be_used(assets, tmp_path, 
     result = CliRunner().invoke(train_edm2.main, as_init)
     _assert_one_line_error(result, f"--init-generator: {bad}", expected, code=2)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--seeds", "abc", "'abc' is not a non-negative integer or a range"),
+        ("--seeds", "5-1", "range '5-1' runs backwards"),
+        ("--seeds", ",", "no integers in ','"),
+        ("--classes", "1,x", "'x' is not a non-negative integer"),
+        ("--classes", "10", "has 10 classes: use classes 0-9"),
+        ("--few-step-sigmas", "abc", "could not convert string to float"),
+        ("--few-step-sigmas", "1.0,2.0", "few-step sigmas must decrease from 2.5 and stay > 0"),
+        ("--few-step-sigmas", "nan", "few-step sigmas must decrease"),
+    ],
+)
+def test_decode_list_options_give_usage_errors(assets, tmp_path, option, value, message):
+    result = _decode(assets, tmp_path, "--generator", assets["good"], "--seeds", "0-1", option, value)
+    _assert_one_line_error(result, f"Invalid value for '{option}'", message, code=2)

@@ -106,7 +106,8 @@ def one_hot(labels: torch.Tensor | None, label_dim: int) -> torch.Tensor | None:
     return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
 
 
-def _check_sigmas(sigmas: Sequence[float], sigma_init: float) -> None:
+def check_sigmas(sigmas: Sequence[float], sigma_init: float = SIGMA_INIT) -> None:
+    """ValueError unless the few-step sigmas decrease from sigma_init and stay > 0."""
     previous = sigma_init
     for s in sigmas:
         if not 0 < s < previous:
@@ -136,7 +137,7 @@ def generate_latents(
     label_dim = G.label_dim if num_classes is None else num_classes
     if label_dim != G.label_dim:
         raise ValueError(f"num_classes {num_classes} != network label_dim {G.label_dim}")
-    _check_sigmas(sigmas, sigma_init)
+    check_sigmas(sigmas, sigma_init)
     device = _net_device(G) if device is None else torch.device(device)
     shape = [G.img_channels, G.img_resolution, G.img_resolution]
     noise, labels, extra = draw_seed_inputs(seeds, shape, label_dim, class_labels, device, len(sigmas))
