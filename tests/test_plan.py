@@ -3,9 +3,17 @@
 Everything runs on the meta device (nothing is allocated) except the hand counts of single layers.
 """
 
+import json
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
+from click.testing import CliRunner
+from helpers_train import make_dataset, make_teacher
 
+import train_edm2
 from sida_edm2.plan.activations import SavedTensorMeter, fused_attention_on_meta, measure_activations
 from sida_edm2.plan.flops import (
     H100_SXM_BF16_DENSE_PEAK,
@@ -194,20 +202,70 @@ def test_mfu():
 # The command line.
 
 
-def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    assert "--gpu-memory" in capsys.readouterr().out
+def test_cli_help_describes_every_option():
+    # As a user runs it: the usage line names the module, every option is described, defaults shown.
+    help_text = subprocess.run(
+        [sys.executable, "-m", "sida_edm2.plan", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert help_text.startswith("Usage: python -m sida_edm2.plan [OPTIONS]")
+    options = re.findall(r"^  (--[a-z-]+)", help_text, flags=re.MULTILINE)
+    assert options == [
+        "--preset",
+        "--gpus",
+        "--gpu-memory",
+        "--precision",
+        "--headroom",
+        "--saturating-batch",
+        "--help",
+    ]
+    blocks = re.split(r"^  (?=--)", help_text, flags=re.MULTILINE)[1:-1]
+    assert all("[default:" in block or "[required]" in block for block in blocks), help_text
 
 
-def test_cli_xxl_on_8_gpus(capsys):
-    main(["--preset", "edm2-img512-xxl", "--gpus", "8", "--gpu-memory", "80"])
-    out = capsys.readouterr().out
+def test_cli_xxl_on_8_gpus():
+    result = CliRunner().invoke(main, ["--preset", "edm2-img512-xxl", "--gpus", "8", "--gpu-memory", "80"])
+    assert result.exit_code == 0, result.output
+    out = result.output
     assert out.count("|") == 1 + 12  # header + ZeRO 1-3 (bf16) x checkpointing x teacher placement
-    assert "recommended: ZeRO-" in out and "train_edm2 flags: --zero-stage" in out
+    assert "columns: images per GPU (--batch-gpu)" in out
+    assert (
+        "recommended: ZeRO-" in out and "deepspeed --num_gpus 8 train_edm2.py --preset edm2-img512-xxl" in out
+    )
     total = float(out.split("  total")[1].split("GiB")[0])
     assert total <= 0.9 * 80
+
+
+def test_cli_launch_command_is_accepted_by_train_edm2(tmp_path):
+    result = CliRunner().invoke(main, ["--preset", "tiny", "--gpus", "2", "--gpu-memory", "1"])
+    assert result.exit_code == 0, result.output
+    command = result.output.strip().splitlines()[-1].split()
+    assert command[:4] == ["deepspeed", "--num_gpus", "2", "train_edm2.py"]
+    paths = {
+        "TEACHER.pkl": str(make_teacher(tmp_path / "teacher.safetensors")),
+        "LATENTS": str(make_dataset(tmp_path / "data", num_samples=8)),
+        "RUN_DIR": str(tmp_path / "run"),
+    }
+    args = [paths.get(arg, arg) for arg in command[4:]]
+    dry_run = CliRunner().invoke(train_edm2.main, [*args, "--dry-run"], env={"WORLD_SIZE": "2"})
+    assert dry_run.exit_code == 0, dry_run.output
+    assert json.loads(dry_run.output)["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "Invalid value for '--preset'"),
+        (["--preset", "tiny", "--gpus", "0"], "Invalid value for '--gpus'"),
+        (["--preset", "tiny", "--gpus", "3"], "not a multiple of 3 GPUs"),
+        (["--preset", "tiny", "--gpu-memory", "-1"], "Invalid value for '--gpu-memory'"),
+        (["--preset", "tiny", "--headroom", "2"], "Invalid value for '--headroom'"),
+        (["--preset", "edm2-img512-xxl", "--gpu-memory", "1"], "no configuration of edm2-img512-xxl fits"),
+    ],
+)
+def test_cli_bad_input_is_one_line(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (1, 2) and isinstance(result.exception, SystemExit), result.output
+    assert message in result.output.strip().splitlines()[-1], result.output
 
 
 def test_half_precision_candidates_skip_stage_0():

@@ -1,6 +1,6 @@
 """Peak GPU memory of a SiDA run per GPU, for every ZeRO stage / checkpointing / teacher / batch choice.
 
-    python -m sida_edm2.plan --preset edm2-img512-xxl --gpus 8 --gpu-memory 80
+    python -m sida_edm2.plan --preset edm2-img512-xxl --gpus 8 --gpu-memory 80   # table + launch command
     python -m sida_edm2.plan --preset edm2-img512-xs --gpus 1 --gpu-memory 80 --precision fp32
 
     from sida_edm2.plan.memory import predict_peak_bytes, recommend
@@ -32,12 +32,12 @@ Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (reserv
 `recommend` keeps the predicted peak under `headroom` (default 90%) of the card to leave room for them.
 """
 
-import argparse
 import dataclasses
 import functools
 import json
 from pathlib import Path
 
+import click
 import torch
 
 from sida_edm2.model.networks import Precond
@@ -269,7 +269,7 @@ def format_table(plans: list[MemoryPlan], budget_bytes: float) -> str:
         key = (plan.zero_stage, plan.activation_checkpointing, plan.teacher_partitioned)
         mark = "*" if plan.total > budget_bytes else " "
         rows.setdefault(key, {})[plan.batch_gpu] = f"{plan.total / GIB:6.1f}{mark}"
-    lines = [f"{'ZeRO ckpt teacher':<19}|" + "".join(f"{b:>8}" for b in batches)]
+    lines = [f"{'ZeRO ckpt teacher':<20}|" + "".join(f"{b:>8}" for b in batches)]
     for (stage, ckpt, partitioned), cells in rows.items():
         label = f"{stage:>4} {'on' if ckpt else 'off':>4} {'part.' if partitioned else 'repl.':>7}   |"
         lines.append(label + "".join(f"{cells.get(b, ''):>8}" for b in batches))
@@ -282,39 +282,67 @@ def format_terms(plan: MemoryPlan) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description="Predict peak GPU memory per GPU of a SiDA run and recommend a configuration."
-    )
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--gpus", type=int, default=1, help="data-parallel GPUs (default 1)")
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default 80)")
-    parser.add_argument("--precision", default="bf16", choices=sorted(PRECISION_BYTES))
-    parser.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
-                        help="fraction of --gpu-memory the predicted peak may use")  # fmt: skip
-    parser.add_argument("--saturating-batch", type=int, default=DEFAULT_SATURATING_BATCH,
-                        help="images per GPU beyond which less recomputation/sharding is preferred "
-                             "over a bigger batch")  # fmt: skip
-    args = parser.parse_args(argv)
+def launch_command(plan: MemoryPlan, gpus: int) -> str:
+    """The train_edm2.py command of `plan` (SiDA; the teacher, data and run directory are placeholders)."""
+    launcher = f"deepspeed --num_gpus {gpus} train_edm2.py" if gpus > 1 else "python train_edm2.py"
+    flags = [
+        f"--preset {plan.preset} --method sida --teacher TEACHER.pkl --data LATENTS --run-dir RUN_DIR",
+        f"--zero-stage {plan.zero_stage} --batch-gpu {plan.batch_gpu}",
+        f"--precision {plan.precision}",
+        "--activation-checkpointing" if plan.activation_checkpointing else "",
+        "--teacher-zero3" if plan.teacher_partitioned else "",
+    ]
+    return " ".join([launcher, *(flag for flag in flags if flag)])
+
+
+@click.command(context_settings={"show_default": True})
+@click.option(
+    "--preset", required=True, type=click.Choice(sorted(PRESETS)), help="Network and batch preset of the run."
+)
+@click.option("--gpus", type=click.IntRange(min=1), default=1, help="Data-parallel GPUs of the run.")
+@click.option(
+    "--gpu-memory", type=click.FloatRange(min=0, min_open=True), default=80.0, help="Memory of one GPU, GiB."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(sorted(PRECISION_BYTES)),
+    default="bf16",
+    help="Training precision (ZeRO stage 0 is considered for fp32 only).",
+)
+@click.option(
+    "--headroom",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=DEFAULT_HEADROOM,
+    help="Fraction of --gpu-memory the predicted peak may use (the rest: CUDA context, NCCL, fragmentation).",
+)
+@click.option(
+    "--saturating-batch",
+    type=click.IntRange(min=1),
+    default=DEFAULT_SATURATING_BATCH,
+    help="Images per GPU beyond which less recomputation or sharding is preferred over a bigger batch.",
+)
+def main(preset: str, gpus: int, gpu_memory: float, precision: str, headroom: float, saturating_batch: int):
+    """Predict the peak GPU memory per GPU of a SiDA run for every ZeRO stage, activation checkpointing,
+    teacher placement and per-GPU batch, and print the train_edm2.py command of the fastest-looking
+    configuration that fits."""
     try:
-        plans = candidate_plans(args.preset, args.gpus, args.precision)
+        plans = candidate_plans(preset, gpus, precision)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
-    budget = args.headroom * args.gpu_memory * GIB
-    print(f"{args.preset} on {args.gpus} GPU(s), {args.precision}: predicted peak allocated GiB per GPU")
-    print(f"(* = over the budget of {budget / GIB:.1f} GiB, {args.headroom:.0%} of {args.gpu_memory:g} GiB)")
-    print(format_table(plans, budget))
+        raise click.BadParameter(str(err), param_hint="'--gpus'") from None
+    budget = headroom * gpu_memory * GIB
+    click.echo(f"{preset} on {gpus} GPU(s), {precision}: predicted peak allocated GiB per GPU")
+    click.echo(
+        "rows: ZeRO stage, activation checkpointing (on/off), teacher replicated or partitioned "
+        "(--teacher-zero3); columns: images per GPU (--batch-gpu)"
+    )
+    click.echo(f"(* = over the budget of {budget / GIB:.1f} GiB, {headroom:.0%} of {gpu_memory:g} GiB)")
+    click.echo(format_table(plans, budget))
     try:
-        best = recommend(args.preset, args.gpus, args.gpu_memory, args.precision, args.headroom,
-                         args.saturating_batch, plans=plans)  # fmt: skip
+        best = recommend(preset, gpus, gpu_memory, precision, headroom, saturating_batch, plans=plans)
     except NothingFitsError as err:
-        raise SystemExit(f"\n{err}") from None
-    accum = get_preset(args.preset)["batch"] // (best.batch_gpu * args.gpus)
-    print(f"\nrecommended: {best.describe()} ({accum} accumulation rounds)\n{format_terms(best)}")
-    print(f"train_edm2 flags: --zero-stage {best.zero_stage} --batch-gpu {best.batch_gpu}"
-          + (" --activation-checkpointing" if best.activation_checkpointing else "")
-          + (" --teacher-zero3" if best.teacher_partitioned else ""))  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()
+        raise click.ClickException(str(err)) from None
+    accum = get_preset(preset)["batch"] // (best.batch_gpu * gpus)
+    click.echo(f"\nrecommended: {best.describe()} ({accum} accumulation rounds)\n{format_terms(best)}")
+    click.echo(
+        f"\nlaunch command (replace TEACHER.pkl, LATENTS and RUN_DIR):\n  {launch_command(best, gpus)}"
+    )
