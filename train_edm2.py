@@ -36,6 +36,7 @@ import sys
 import click
 import torch
 
+from sida_edm2.model.presets import PRESETS
 from sida_edm2.train.config import (
     TRAIN_METHODS,
     ConfigError,
@@ -57,7 +58,10 @@ def _default(field: str):
 
 @click.command(context_settings={"show_default": True})
 @click.option(
-    "--preset", required=True, help="Network and hyper-parameter preset (sida_edm2/model/presets.py)."
+    "--preset",
+    required=True,
+    type=click.Choice(list(PRESETS)),
+    help="Network and hyper-parameter preset (sida_edm2/model/presets.py); tiny and demo are for CPU runs.",
 )
 @click.option(
     "--method",

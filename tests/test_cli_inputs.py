@@ -18,6 +18,7 @@ from helpers_train import cli_args, make_dataset, make_teacher
 import decode_samples
 import train_edm2
 from sida_edm2.checkpoints import ACCEPTED_FORMATS, save_export
+from sida_edm2.presets import PRESETS
 
 # name -> how to make it from a good export (weights bytes, config text) in a folder.
 BAD_NETWORKS = ("missing.pkl", "random.pkl", "truncated.pkl", "list.pkl", "state.pt", "random.safetensors")
@@ -120,3 +121,11 @@ def test_train_teacher_and_init_generator_that_cannot_be_used(assets, tmp_path, 
 def test_decode_list_options_give_usage_errors(assets, tmp_path, option, value, message):
     result = _decode(assets, tmp_path, "--generator", assets["good"], "--seeds", "0-1", option, value)
     _assert_one_line_error(result, f"Invalid value for '{option}'", message, code=2)
+
+
+def test_train_help_lists_the_presets(assets, tmp_path):
+    help_text = CliRunner().invoke(train_edm2.main, ["--help"]).output
+    preset_help = help_text.split("--preset", 1)[1].split("--method", 1)[0]
+    assert all(name in preset_help for name in PRESETS), help_text
+    result = CliRunner().invoke(train_edm2.main, cli_args(assets["teacher"], tmp_path / "run", preset="nope"))
+    _assert_one_line_error(result, "Invalid value for '--preset': 'nope' is not one of", "'tiny'", code=2)
