@@ -17,6 +17,7 @@ seed (and class), not on --batch or the number of processes.
 """
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -170,13 +171,22 @@ def main(
     )
     ref, detectors = None, {}
     if metrics:  # fail on missing weights or statistics before spending GPU time
-        ref = fd.load_reference_stats(ref_path)
+        try:
+            ref = fd.load_reference_stats(ref_path)
+        except (ValueError, EOFError, pickle.UnpicklingError) as err:
+            raise click.BadParameter(
+                f"{ref_path}: not EDM2-style reference statistics ({err})", param_hint="'--ref'"
+            ) from None
         missing = [m for m in metrics if m not in ref]
         if missing:
             raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
         detectors = fd.load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
 
     outdir = Path(outdir)
+    try:  # before any image is made: an output folder that cannot be created fails now
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise click.BadParameter(f"cannot create {outdir}: {err.strerror}", param_hint="'--outdir'") from None
     tree = outdir if "png" in formats else outdir / STAGING_DIR
     try:
         network_path = resolve_network_path(generator)
@@ -198,7 +208,10 @@ def main(
             else f"{network_path} is unconditional: leave --classes out",
             param_hint="'--classes'",
         )
-    vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
+    try:
+        vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
+    except OSError as err:
+        raise click.BadParameter(str(err), param_hint="'--vae'") from None
     made = write_images(
         net,
         vae_model,

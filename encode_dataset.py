@@ -20,6 +20,7 @@ from latent.encode_plan import EncodeError
 from latent.vae import DEFAULT_VAE
 from latent.verify import verify_dataset
 from preprocess.containers import SourceError
+from sida_edm2.cli_types import DeviceType
 
 
 @click.command()
@@ -70,7 +71,11 @@ from preprocess.containers import SourceError
     "--limit", type=click.IntRange(1), default=None, help="Encode only N images, spread over the source."
 )
 @click.option(
-    "--device", default="auto", show_default=True, help="auto (cuda if available), cpu, cuda, cuda:1..."
+    "--device",
+    default="auto",
+    show_default=True,
+    type=DeviceType(allow_auto=True),
+    help="auto (cuda if available), cpu, cuda, cuda:1...",
 )
 @click.option("--verify", is_flag=True, help="Re-read all shards and check them against the manifest.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")

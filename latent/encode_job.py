@@ -229,7 +229,7 @@ def _load_checked_vae(options: EncodeOptions, device: torch.device):
     try:
         vae = load_vae(options.vae, device, DTYPES[options.dtype])
     except OSError as exn:
-        raise EncodeError(f"cannot load the VAE {options.vae!r}: {exn}") from None
+        raise EncodeError(str(exn)) from None
     factor = downsampling_factor(vae)
     if options.resolution % factor:
         lower = options.resolution // factor * factor

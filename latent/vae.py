@@ -10,7 +10,7 @@ the moments are computed from its raw output in float32. On CUDA the VAE runs ch
 
 import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from diffusers import AutoencoderKL
@@ -57,10 +57,29 @@ def load_vae(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
 ) -> AutoencoderKL:
-    """AutoencoderKL from a Hugging Face hub id or a local directory (save_pretrained layout)."""
-    # low_cpu_mem_usage=False: the same load, without a notice that `accelerate` is not installed.
-    vae = AutoencoderKL.from_pretrained(name_or_path, revision=revision, low_cpu_mem_usage=False)
+    """AutoencoderKL from a Hugging Face hub id or a local directory (save_pretrained layout). A VAE that
+    cannot be found or read raises OSError with a one-line message naming it."""
+    problem = vae_reference_problem(name_or_path)
+    if problem:
+        raise OSError(problem)
+    try:
+        # low_cpu_mem_usage=False: the same load, without a notice that `accelerate` is not installed.
+        vae = AutoencoderKL.from_pretrained(name_or_path, revision=revision, low_cpu_mem_usage=False)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot load the VAE {name_or_path}: {' '.join(str(err).split())}") from err
     return _prepare(vae, device, dtype)
+
+
+def vae_reference_problem(name_or_path: str) -> str | None:
+    """Why `name_or_path` cannot name a VAE (checked without loading or downloading), or None."""
+    path = Path(name_or_path)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            return f"the VAE {name_or_path} is not a diffusers AutoencoderKL folder (no config.json)"
+        return None
+    if len(PurePosixPath(name_or_path).parts) != 2 or name_or_path.startswith((".", "/", "~")):
+        return f"the VAE {name_or_path} is neither a local folder nor a Hugging Face hub id (org/name)"
+    return None
 
 
 def vae_revision(name_or_path: str, revision: str | None = None) -> str:

@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 from helpers_sampling import tiny_net, tiny_vae
 from helpers_train import cli_args, make_dataset, make_teacher
+from sida_edm2.checkpoints import ACCEPTED_FORMATS, save_export
+from sida_edm2.presets import PRESETS
 
 import decode_samples
 import train_edm2
-from sida_edm2.checkpoints import ACCEPTED_FORMATS, save_export
-from sida_edm2.presets import PRESETS
 
 # name -> how to make it from a good export (weights bytes, config text) in a folder.
 BAD_NETWORKS = ("missing.pkl", "random.pkl", "truncated.pkl", "list.pkl", "state.pt", "random.safetensors")
@@ -129,3 +129,49 @@ def test_train_help_lists_the_presets(assets, tmp_path):
     assert all(name in preset_help for name in PRESETS), help_text
     result = CliRunner().invoke(train_edm2.main, cli_args(assets["teacher"], tmp_path / "run", preset="nope"))
     _assert_one_line_error(result, "Invalid value for '--preset': 'nope' is not one of", "'tiny'", code=2)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"num_workers": -1}, "--num-workers must be >= 0"),
+        ({"sigma_init": 0}, "--sigma-init must be > 0"),
+        ({"grid_kimg": 0}, "--grid-kimg must be > 0"),
+        ({"lambda_sid": -1}, "--lambda-sid must be >= 0"),
+        ({"fake_only_kimg": -1}, "--fake-only-kimg must be >= 0"),
+        ({"lr": "nan"}, "--lr must be a finite number"),
+        ({"max_kimg": "inf"}, "--max-kimg must be a finite number"),
+        ({"vae": "nowhere/at/all"}, "--vae: the VAE nowhere/at/all is neither a local folder nor a"),
+        ({"ds_config": "FILE"}, "cannot be read as JSON"),
+    ],
+)
+def test_train_bad_values_are_usage_errors(assets, tmp_path, flags, message):
+    not_json = tmp_path / "not.json"
+    not_json.write_text("zero: 2\n")
+    flags = {k: not_json if v == "FILE" else v for k, v in flags.items()}
+    args = cli_args(assets["teacher"], tmp_path / "run", assets["data"], **flags)
+    result = CliRunner().invoke(train_edm2.main, [*args, "--dry-run"])
+    _assert_one_line_error(result, message, code=2)
+
+
+def test_decode_bad_device_vae_ref_and_outdir(assets, tmp_path):
+    not_a_file = tmp_path / "plain.txt"
+    not_a_file.write_text("x")
+    cases = [
+        (["--device", "bogus"], "Invalid value for '--device': 'bogus' is not a device"),
+        (["--device", "cuda:99"], "Invalid value for '--device': cuda:99: this machine has"),
+        (
+            ["--vae", tmp_path / "novae"],
+            f"Invalid value for '--vae': the VAE {tmp_path / 'novae'} is neither",
+        ),
+        (["--vae", tmp_path], "is not a diffusers AutoencoderKL folder (no config.json)"),
+        (["--metrics", "fid", "--ref", not_a_file], "Invalid value for '--ref': "),
+        (
+            ["--outdir", not_a_file / "out"],
+            f"Invalid value for '--outdir': cannot create {not_a_file / 'out'}",
+        ),
+    ]
+    for extra, message in cases:
+        result = _decode(assets, tmp_path, "--generator", assets["good"], "--seeds", "0", *extra)
+        _assert_one_line_error(result, message, code=2)
+    assert not list(tmp_path.rglob("*.png"))

@@ -188,7 +188,16 @@ def test_clear_errors(tree, vae_dir, tmp_path):
     not_done = _run("--dest", tmp_path / "empty", "--verify")
     assert not_done.exit_code == 1 and "not a finished latent dataset" in not_done.output
     bad_vae = _encode(tree, tmp_path / "out_vae", tmp_path / "no_such_vae")
-    assert bad_vae.exit_code == 1 and "cannot load the VAE" in bad_vae.output
+    assert bad_vae.exit_code == 1 and "is neither a local folder nor a Hugging Face hub id" in bad_vae.output
+    not_a_vae = _encode(tree, tmp_path / "out_vae", tmp_path / "empty")
+    assert not_a_vae.exit_code == 1 and "is not a diffusers AutoencoderKL folder" in not_a_vae.output
+    dest_is_file = _encode(tree, tmp_path / "a_file", vae_dir)
+    assert (
+        dest_is_file.exit_code == 1
+        and f"destination {tmp_path / 'a_file'} is not writable" in dest_is_file.output
+    )
+    bogus = _encode(tree, tmp_path / "out", vae_dir, "--device", "bogus")
+    assert bogus.exit_code == 2 and "Invalid value for '--device': 'bogus' is not a device" in bogus.output
 
 
 def test_rerun_with_other_options_is_refused(tmp_path):

@@ -29,6 +29,7 @@ import tqdm
 
 from latent.manifest import MANIFEST
 from latent.vae import load_vae
+from sida_edm2.cli_types import DeviceType
 from sida_edm2.io.safe_unpickle import load_pickle
 from sida_edm2.sample import detectors as det
 from sida_edm2.sample.image_sources import image_batches
@@ -225,7 +226,10 @@ workers_option = click.option(
     "--workers", default=4, show_default=True, type=click.IntRange(min=0), help="Image reader processes."
 )
 device_option = click.option(
-    "--device", default=None, help="Single-process device [default: cuda if available, else cpu]."
+    "--device",
+    default=None,
+    type=DeviceType(allow_auto=False),
+    help="Single-process device [default: cuda if available, else cpu].",
 )
 
 _common = [

@@ -10,6 +10,7 @@ sizes, the compute dtype) is computed from it, so a rerun of the same command re
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -166,6 +167,19 @@ def validate(cfg: TrainConfig, external_data: bool = False) -> None:
     for name in ("max_kimg", "checkpoint_kimg", "tick_kimg", "lr", "ema_mimg"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    floats = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)]
+    for name in floats:  # nan passes every comparison below, inf would never finish
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")
+    for name in ("lambda_sid", "lambda_adv_theta", "lambda_adv_psi", "fake_only_kimg", "sid_only_kimg"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.sigma_init <= 0:
+        raise ConfigError(f"--sigma-init must be > 0, got {cfg.sigma_init}")
+    if cfg.grid_kimg is not None and cfg.grid_kimg <= 0:
+        raise ConfigError(f"--grid-kimg must be > 0, got {cfg.grid_kimg}")
+    if cfg.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {cfg.num_workers}")
     if not 0 < cfg.tmax <= 1:
         raise ConfigError(f"--tmax must lie in (0, 1], got {cfg.tmax}")
 
@@ -180,6 +194,12 @@ def check_inputs_exist(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"--data {cfg.data} is not a latent dataset (no manifest.json); run encode_dataset.py"
             )
+    if cfg.vae:
+        from latent.vae import vae_reference_problem
+
+        problem = vae_reference_problem(cfg.vae)
+        if problem:
+            raise ConfigError(f"--vae: {problem}")
     run_dir = Path(cfg.run_dir)
     probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):

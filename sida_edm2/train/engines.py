@@ -96,8 +96,13 @@ def load_ds_config(zero_stage: int, path: str | None = None) -> dict:
     path = Path(path) if path else DS_CONFIG_DIR / f"zero{zero_stage}.json"
     if not path.is_file():
         raise ConfigError(f"DeepSpeed config {path} not found")
-    with open(path) as f:
-        cfg = json.load(f)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"DeepSpeed config {path} cannot be read as JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {path} is not a JSON object")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage != zero_stage:
         raise ConfigError(f"{path} sets ZeRO stage {stage} but --zero-stage is {zero_stage}")
