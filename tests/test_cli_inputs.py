@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 from helpers_sampling import tiny_net, tiny_vae
 from helpers_train import cli_args, make_dataset, make_teacher
-from sida_edm2.checkpoints import ACCEPTED_FORMATS, save_export
-from sida_edm2.presets import PRESETS
 
 import decode_samples
 import train_edm2
+from sida_edm2.io.network_files import ACCEPTED_FORMATS, save_export
+from sida_edm2.model.presets import PRESETS
+from sida_edm2.sample.metrics import main as metrics_main
 
 # name -> how to make it from a good export (weights bytes, config text) in a folder.
 BAD_NETWORKS = ("missing.pkl", "random.pkl", "truncated.pkl", "list.pkl", "state.pt", "random.safetensors")
@@ -175,3 +176,11 @@ def test_decode_bad_device_vae_ref_and_outdir(assets, tmp_path):
         result = _decode(assets, tmp_path, "--generator", assets["good"], "--seeds", "0", *extra)
         _assert_one_line_error(result, message, code=2)
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_metrics_cli_bad_device(tmp_path):
+    result = CliRunner().invoke(
+        metrics_main,
+        ["ref", "--source", str(tmp_path), "--dest", str(tmp_path / "r.pkl"), "--device", "gpu0"],
+    )
+    _assert_one_line_error(result, "Invalid value for '--device': 'gpu0' is not a device", code=2)
