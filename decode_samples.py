@@ -122,6 +122,23 @@ def _formats(ctx, param, value):
     show_default=True,
     help="VAE decoder precision.",
 )
+@click.option(
+    "--vae-channels-last/--no-vae-channels-last",
+    default=None,
+    help="VAE memory layout on GPUs [default: channels_last].",
+)
+@click.option(
+    "--compile-vae",
+    is_flag=True,
+    help="torch.compile the VAE decoder for the fixed --batch shape (GPU; a minute of compilation first).",
+)
+@click.option(
+    "--png-workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="PNG encoder processes per rank (0: 8 threads of the rank's own process).",
+)
 @fd.device_option
 @fd.metrics_option("")
 @fd.ref_option(required=False)
@@ -141,6 +158,9 @@ def main(
     grid_images,
     precision,
     vae_precision,
+    vae_channels_last,
+    compile_vae,
+    png_workers,
     device,
     metrics,
     ref_path,
@@ -176,7 +196,9 @@ def main(
             f"{world_size} process(es), {str(dtype).removeprefix('torch.')} on {device}"
         )
     net = load_network(network_path, device=device)
-    vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
+    vae_model = load_vae(
+        vae, device, PRECISION_DTYPES[vae_precision], channels_last=vae_channels_last, compile=compile_vae
+    )
     made = write_images(
         net,
         vae_model,
@@ -191,6 +213,8 @@ def main(
         world_size=world_size,
         device=device,
         progress=rank == 0,
+        png_processes=png_workers,
+        pad_batches=compile_vae,
     )
     click.echo(f"rank {rank}: made {made} images (the rest existed already)")
     del net, vae_model

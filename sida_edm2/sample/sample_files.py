@@ -10,10 +10,11 @@ temporary name, then renamed). The .npz is streamed member by member into the zi
 """
 
 import math
+import multiprocessing
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -55,18 +56,28 @@ def missing_seeds(outdir: str | os.PathLike, seeds: Iterable[int]) -> list[int]:
 
 
 class PngWriter:
-    """Writes PNGs on a few threads (PNG compression releases the GIL) while the GPU makes the next
-    batch; at most `max_pending` images wait in memory. Errors surface at `submit` or `close`."""
+    """Writes PNGs in the background while the GPU makes the next batch; at most `max_pending` images
+    wait in memory. Errors surface at `submit` or `close`.
+
+    processes = 0 encodes on `num_threads` threads of this process (zlib releases the GIL, PIL's filter
+    and the rest of its PNG encoder do not); processes > 0 on that many worker processes (started with
+    "spawn": this process may hold a CUDA context, which must not be forked)."""
 
     def __init__(
         self,
         outdir: str | os.PathLike,  # Root of the PNG tree.
-        num_threads: int = 8,  # Encoder threads.
+        num_threads: int = 8,  # Encoder threads (when processes is 0).
         max_pending: int = 256,  # Images queued before submit() waits.
+        processes: int = 0,  # Encoder processes (0: threads).
     ):
         self.outdir = Path(outdir)
         self.max_pending = max_pending
-        self._pool = ThreadPoolExecutor(max_workers=num_threads)
+        self._pool: Executor
+        if processes:
+            context = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=context)
+        else:
+            self._pool = ThreadPoolExecutor(max_workers=num_threads)
         self._pending: list[Future] = []
 
     def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Sequence[int] | None) -> None:
