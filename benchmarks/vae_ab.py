@@ -21,8 +21,10 @@ latent differences compare code paths, not weights. Writes <out>/vae_ab.md, resu
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,9 +91,10 @@ def _variants(compile_layout: bool) -> dict[str, dict]:
 def run_stage(stage: str, dtype_name: str, extra: dict, switches: dict, a: argparse.Namespace) -> dict:
     """One stage in this (child) process, with the code of --code first on sys.path."""
     device = torch.device("cpu" if a.smoke else "cuda")
+    work = Path(a.scratch)
+    dest = work / f"latents-{a.child}-{dtype_name}"
     dtype_name = "float32" if a.smoke else dtype_name  # the VAE runs in float32 on CPUs
     dtype = getattr(torch, dtype_name)
-    work = Path(a.work)
     size = {"config": st.code()["tiny_vae"].TINY_VAE_CONFIG} if a.smoke else {}
     if stage == "prepare":
         return st.prepare_rate(str(work / "jpegs"), a.resolution, min(a.images, 128))
@@ -101,7 +104,6 @@ def run_stage(stage: str, dtype_name: str, extra: dict, switches: dict, a: argpa
         return st.decoder_rate(device, dtype, a.batch, a.resolution, max(2, a.iters // 2), **size, **switches)
     if stage == "e2e":
         vae_dir = st.save_random_vae(work / "vae", size.get("config"))
-        dest = work / f"latents-{a.child}-{dtype_name}"
         options = {"resolution": a.resolution, "batch_size": a.batch, "shard_size": 256, **switches}
         return {
             **st.encode_end_to_end(str(work / "jpegs"), vae_dir, str(dest), device, dtype_name, **options)
@@ -205,8 +207,8 @@ def _faster_layout(results: list[dict]) -> str:
 
 def orchestrate(a: argparse.Namespace) -> None:
     out = Path(a.out).resolve()
-    work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="vae-ab-", dir=a.work))  # JPEGs, latents: kept out of --out
     deadline = time.monotonic() + a.budget
     jpegs = st.make_photo_jpegs(work / "jpegs", a.images)
     print(f"JPEG set: {jpegs}", flush=True)
@@ -217,11 +219,11 @@ def orchestrate(a: argparse.Namespace) -> None:
         if name == "new-compile":
             layout = _faster_layout(results)
         code = a.baseline if _variants(False)[name]["code"] == "baseline" else str(REPO)
-        json_path = out / f"{name}.json"
+        json_path = work / f"{name}.json"
         remaining = deadline - time.monotonic()
         timeout = max(10.0, min(caps.get(name, remaining), remaining))
         argv = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--code", code]
-        argv += ["--work", str(work), "--json", str(json_path), "--compile-layout", layout]
+        argv += ["--scratch", str(work), "--json", str(json_path), "--compile-layout", layout]
         argv += [
             f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("images", "gen_images", "batch", "iters")
         ]
@@ -280,12 +282,14 @@ def orchestrate(a: argparse.Namespace) -> None:
         json.dumps({"environment": env, "results": results, "diffs": diffs}, indent=1)
     )
     print("\n" + report)
+    if not a.keep_work:
+        shutil.rmtree(work)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="checkout of the code to compare against (e.g. .baseline)")
-    parser.add_argument("--out", help="folder for the table, results.json, logs and the JPEG set")
+    parser.add_argument("--out", help="folder for the table (vae_ab.md), results.json and the variants' logs")
     parser.add_argument("--budget", type=float, default=230.0, help="seconds for all variants together")
     parser.add_argument("--images", type=int, default=768, help="JPEGs of the end-to-end encode")
     parser.add_argument("--gen-images", type=int, default=256, help="images of generate+decode+PNG")
@@ -297,7 +301,9 @@ def main() -> None:
     # The child process's arguments (set by the orchestrator).
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help="parent of the scratch folder [default: the system's]")
+    parser.add_argument("--keep-work", action="store_true", help="keep the JPEGs and latents afterwards")
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--compile-layout", default="nchw", help=argparse.SUPPRESS)
     a = parser.parse_args()

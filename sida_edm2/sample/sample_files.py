@@ -9,6 +9,7 @@ temporary name, then renamed). The .npz is streamed member by member into the zi
 512x512 (39 GB) never need to be in memory at once; np.load reads it like any np.savez file.
 """
 
+import functools
 import math
 import multiprocessing
 import os
@@ -55,13 +56,20 @@ def missing_seeds(outdir: str | os.PathLike, seeds: Iterable[int]) -> list[int]:
     return [s for s in seeds if not png_path(outdir, s).is_file()]
 
 
+@functools.cache
+def _encoder_processes(count: int) -> ProcessPoolExecutor:
+    """`count` PNG encoder processes, started once per program and shared by every PngWriter, so their
+    start-up (each imports this module afresh: "spawn", as this process may hold a CUDA context, which
+    must not be forked) is paid once. They end with the program."""
+    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"))
+
+
 class PngWriter:
     """Writes PNGs in the background while the GPU makes the next batch; at most `max_pending` images
     wait in memory. Errors surface at `submit` or `close`.
 
     processes = 0 encodes on `num_threads` threads of this process (zlib releases the GIL, PIL's filter
-    and the rest of its PNG encoder do not); processes > 0 on that many worker processes (started with
-    "spawn": this process may hold a CUDA context, which must not be forked)."""
+    and the rest of its PNG encoder do not); processes > 0 on that many worker processes."""
 
     def __init__(
         self,
@@ -72,12 +80,9 @@ class PngWriter:
     ):
         self.outdir = Path(outdir)
         self.max_pending = max_pending
-        self._pool: Executor
-        if processes:
-            context = multiprocessing.get_context("spawn")
-            self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=context)
-        else:
-            self._pool = ThreadPoolExecutor(max_workers=num_threads)
+        self._pool: Executor = (
+            _encoder_processes(processes) if processes else ThreadPoolExecutor(max_workers=num_threads)
+        )
         self._pending: list[Future] = []
 
     def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Sequence[int] | None) -> None:
@@ -97,7 +102,8 @@ class PngWriter:
                 future.result()
         finally:
             self._pending.clear()
-            self._pool.shutdown(wait=True)
+            if isinstance(self._pool, ThreadPoolExecutor):  # the processes serve the next writer too
+                self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "PngWriter":
         return self
