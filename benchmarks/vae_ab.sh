@@ -6,9 +6,12 @@
 #   bash benchmarks/vae_ab.sh BASELINE_DIR OUT_DIR [more vae_ab.py options, e.g. --variants today,new-cl]
 #
 # BASELINE_DIR: a checkout of the code to compare against, e.g. `git worktree add .baseline 5703311`.
+# PYTHON: the interpreter with the project's packages [default: python].
 set -euo pipefail
 baseline=${1:?usage: bash benchmarks/vae_ab.sh BASELINE_DIR OUT_DIR [vae_ab.py options]}
 out=${2:?usage: bash benchmarks/vae_ab.sh BASELINE_DIR OUT_DIR [vae_ab.py options]}
 shift 2
+baseline=$(cd "$baseline" && pwd)
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-exec python benchmarks/vae_ab.py --baseline "$baseline" --out "$out" "$@"
+exec "${PYTHON:-python}" benchmarks/vae_ab.py --baseline "$baseline" --out "$out" "$@"

@@ -230,7 +230,7 @@ def _encode_shards(source, plan, items, shards, dest, options, vae, rank) -> Non
         batch_size=options.batch_size,
         num_workers=workers,
         collate_fn=collate_prepared,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=2 if workers else None,  # 2 batches per worker keep the GPU fed
         pin_memory=vae is not None and next(vae.parameters()).is_cuda,  # asynchronous host-to-GPU copies
     )
     delay = float(os.environ.get(DELAY_ENV, 0))
