@@ -58,10 +58,10 @@ def missing_seeds(outdir: str | os.PathLike, seeds: Iterable[int]) -> list[int]:
 
 @functools.cache
 def _encoder_processes(count: int) -> ProcessPoolExecutor:
-    """`count` PNG encoder processes, started once per program and shared by every PngWriter, so their
-    start-up (each imports this module afresh: "spawn", as this process may hold a CUDA context, which
-    must not be forked) is paid once. They end with the program."""
-    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"))
+    """`count` PNG encoder processes, started once per program and shared by every PngWriter. They are
+    forked from a fresh server process ("forkserver": this process may hold a CUDA context, which must
+    not be forked), which imports the program's modules once for all of them. They end with the program."""
+    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("forkserver"))
 
 
 class PngWriter:
