@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -231,11 +232,15 @@ def orchestrate(a: argparse.Namespace) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": ""}
         start = time.perf_counter()
         with open(out / f"{name}.log", "w") as log:
+            # Own process group: a timeout ends the variant with its DataLoader and PNG worker processes.
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
             try:
-                rc = subprocess.run(
-                    argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout
-                ).returncode
+                rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 rc = "timeout"
         print(
             f"{name}: exit {rc} after {time.perf_counter() - start:.0f} s (limit {timeout:.0f} s)", flush=True
