@@ -267,16 +267,17 @@ def save_random_vae(dest: str | os.PathLike, config: dict | None = None, seed: i
 
 
 def encode_end_to_end(
-    jpeg_dir: str, vae_dir: str, dest: str, device: torch.device, dtype: str, **options
+    jpeg_dir: str, vae_dir: str, dest: str, device: torch.device, dtype: str, busy: bool = True, **options
 ) -> dict:
     """encode_dataset's whole job (JPEG decode, crop, VAE, shard writing) on `jpeg_dir` into `dest`.
     img/s over the whole call (model load and worker start-up included) and in the steady state (from
-    the first batch handed out to the end), with the GPU's busy share of the steady state."""
+    the first batch handed out to the end), with the GPU's busy share of the steady state (busy=False:
+    without the profiler, whose state the DataLoader's forked workers inherit)."""
     job = code()["encode_job"]
     opts = job.EncodeOptions(
         source=jpeg_dir, dest=dest, vae=vae_dir, dtype=dtype, device=str(device), progress=False, **options
     )
-    with first_batch_clock() as first, GpuBusy(device) as busy:
+    with first_batch_clock() as first, GpuBusy(device if busy else torch.device("cpu")) as meter:
         start_ns = time.time_ns()
         manifest = job.run_encode(opts)
         sync(device)
@@ -287,7 +288,7 @@ def encode_end_to_end(
         "e2e_images": count,
         "e2e_img_s": count / ((end_ns - start_ns) / 1e9),
         "e2e_steady_img_s": count / (steady_ns / 1e9),
-        "e2e_busy": busy.share(first["ns"] or start_ns, end_ns),
+        "e2e_busy": meter.share(first["ns"] or start_ns, end_ns),
     }
 
 
