@@ -157,7 +157,7 @@ def write_data_grids(images: Path, vae_dir: Path, out: Path, rows: int) -> None:
 
     from latent.vae import load_vae
     from preprocess.toy_images import CLASSES, synset_name
-    from sida_edm2.sample_files import tile_grid
+    from sida_edm2.sample.sample_files import tile_grid
 
     paths = [
         images / synset_name(c) / f"toy-{c}-{r:05d}.png" for r in range(rows) for c in range(len(CLASSES))

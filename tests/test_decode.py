@@ -268,7 +268,7 @@ def test_two_processes_write_the_same_images(assets, tmp_path):
 
 @pytest.mark.slow
 def test_png_encoder_processes_write_what_threads_write(tmp_path):
-    from sida_edm2.sample_files import PngWriter
+    from sida_edm2.sample.sample_files import PngWriter
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
