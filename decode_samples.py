@@ -132,6 +132,23 @@ def _formats(ctx, param, value):
     show_default=True,
     help="VAE decoder precision.",
 )
+@click.option(
+    "--vae-channels-last/--no-vae-channels-last",
+    default=None,
+    help="VAE memory layout on GPUs [default: channels_last].",
+)
+@click.option(
+    "--compile-vae",
+    is_flag=True,
+    help="torch.compile the VAE decoder for the fixed --batch shape (GPU; a minute of compilation first).",
+)
+@click.option(
+    "--png-workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="PNG encoder processes per rank (0: 8 threads of the rank's own process).",
+)
 @fd.device_option
 @fd.metrics_option("")
 @fd.ref_option(required=False)
@@ -151,6 +168,9 @@ def main(
     grid_images,
     precision,
     vae_precision,
+    vae_channels_last,
+    compile_vae,
+    png_workers,
     device,
     metrics,
     ref_path,
@@ -209,7 +229,9 @@ def main(
             param_hint="'--classes'",
         )
     try:
-        vae_model = load_vae(vae, device, PRECISION_DTYPES[vae_precision])
+        vae_model = load_vae(
+            vae, device, PRECISION_DTYPES[vae_precision], channels_last=vae_channels_last, compile=compile_vae
+        )
     except OSError as err:
         raise click.BadParameter(str(err), param_hint="'--vae'") from None
     made = write_images(
@@ -226,6 +248,8 @@ def main(
         world_size=world_size,
         device=device,
         progress=rank == 0,
+        png_processes=png_workers,
+        pad_batches=compile_vae,
     )
     click.echo(f"rank {rank}: made {made} images (the rest existed already)")
     del net, vae_model

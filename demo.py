@@ -11,8 +11,10 @@ Every stage is one of the project's command lines, run as a subprocess exactly a
   4. python train_edm2.py --method edm2  a small EDM2 teacher trained with EDM2's loss on those latents
   5. torchrun train_edm2.py --method sida   one-step SiDA distillation (2 processes when 2 cores exist)
   6. python decode_samples.py            one-step samples -> PNG grid (and the teacher's 63-step grid)
-Then a summary: paths, counts, final losses, and a latent-space Fréchet distance to the data of the
-teacher (EDM2 Heun sampler, 63 evaluations) and of the one-step student.
+Beside the sample grids it writes data-grid.png (the training images, one class per column, as in the
+sample grids) and vae-grid.png (the same images through the tiny VAE: what any sample can look like at
+best). Then a summary: paths, counts, final losses, and a latent-space Fréchet distance to the data of
+the teacher (EDM2 Heun sampler, 63 evaluations) and of the one-step student.
 """
 
 import dataclasses
@@ -40,11 +42,12 @@ class DemoSettings:
     sid_only_kimg: float
     eval_samples: int  # samples of teacher and student for the latent Fréchet distance
     grid_seeds: str  # seeds of the PNG grids (--classes 0-9: one class per grid column)
+    grid_rows: int  # images per class in data-grid.png / vae-grid.png (rows; one class per column)
 
 
 FULL = DemoSettings(
     per_class=50,
-    vae_fit_steps=100,
+    vae_fit_steps=200,
     teacher_kimg=10,
     teacher_lr=2e-2,
     student_kimg=1.6,
@@ -52,6 +55,7 @@ FULL = DemoSettings(
     sid_only_kimg=0.48,
     eval_samples=100,
     grid_seeds="0-99",
+    grid_rows=10,
 )
 QUICK = DemoSettings(
     per_class=6,
@@ -63,8 +67,10 @@ QUICK = DemoSettings(
     sid_only_kimg=0.064,
     eval_samples=40,
     grid_seeds="0-19",
+    grid_rows=2,
 )
 PRESET = "demo"
+TICKS = 20  # progress lines per training run: one every few seconds on two cores
 
 
 def num_processes() -> int:
@@ -114,18 +120,19 @@ def pipeline(out: Path, s: DemoSettings, nproc: int, timings: dict) -> dict[str,
     run([py, "-m", "preprocess.toy_images", *images], timings, "images")
     fit = flags(fit_images=p["images"], fit_steps=s.vae_fit_steps) if s.vae_fit_steps else []
     run([py, "-m", "latent.tiny_vae", *flags(dest=p["vae"]), *fit, *flags(resolution=128)], timings, "vae")
+    write_data_grids(paths["images"], paths["vae"], out, rows=s.grid_rows)
     encode = flags(source=p["images"], dest=p["latents"], vae=p["vae"], resolution=128, batch_size=50,
                    shard_size=100, workers=1, no_progress=True)  # fmt: skip
     run([py, "encode_dataset.py", *encode], timings, "encode")
     # One process for the teacher (it is small), a whole step per micro-batch (--batch-gpu 32).
     teacher = flags(preset=PRESET, method="edm2", data=p["latents"], run_dir=p["teacher"], batch_gpu=32,
                     lr=s.teacher_lr, max_kimg=s.teacher_kimg, checkpoint_kimg=s.teacher_kimg,
-                    tick_kimg=s.teacher_kimg / 4, num_workers=1, vae=p["vae"])  # fmt: skip
+                    tick_kimg=s.teacher_kimg / TICKS, num_workers=1, vae=p["vae"])  # fmt: skip
     run([py, "train_edm2.py", *teacher], timings, "teacher")
     student = flags(preset=PRESET, method="sida", teacher=str(paths["teacher"] / "export-latest.safetensors"),
                     data=p["latents"], run_dir=p["student"], max_kimg=s.student_kimg,
                     fake_only_kimg=s.fake_only_kimg, sid_only_kimg=s.sid_only_kimg,
-                    checkpoint_kimg=s.student_kimg, tick_kimg=s.student_kimg / 4, num_workers=1,
+                    checkpoint_kimg=s.student_kimg, tick_kimg=s.student_kimg / TICKS, num_workers=1,
                     vae=p["vae"])  # fmt: skip
     launcher = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     run([*(launcher if nproc > 1 else [py]), "train_edm2.py", *student], timings, "student")
@@ -138,6 +145,32 @@ def pipeline(out: Path, s: DemoSettings, nproc: int, timings: dict) -> dict[str,
     teacher_grid = flags(generator=p["teacher"], teacher_steps=32, outdir=p["teacher_samples"])
     run([py, "decode_samples.py", *teacher_grid, *grid], timings, "decode_teacher")
     return paths
+
+
+def write_data_grids(images: Path, vae_dir: Path, out: Path, rows: int) -> None:
+    """data-grid.png: the first `rows` training images of each class, one class per column (as the
+    sample grids: seed i has class i % 10); vae-grid.png: the same images encoded and decoded by the
+    tiny VAE, the best any sample can look."""
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from latent.vae import load_vae
+    from preprocess.toy_images import CLASSES, synset_name
+    from sida_edm2.sample.sample_files import tile_grid
+
+    paths = [
+        images / synset_name(c) / f"toy-{c}-{r:05d}.png" for r in range(rows) for c in range(len(CLASSES))
+    ]
+    data = np.stack([np.asarray(PIL.Image.open(p).convert("RGB")) for p in paths])
+    vae = load_vae(str(vae_dir))
+    with torch.no_grad():
+        x = torch.from_numpy(data).permute(0, 3, 1, 2).float() / 255
+        decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
+    recon = (decoded.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for name, grid in (("data-grid.png", data), ("vae-grid.png", recon)):
+        PIL.Image.fromarray(tile_grid(grid, columns=len(CLASSES))).save(out / name)
+    click.echo(f"wrote {out / 'data-grid.png'} and {out / 'vae-grid.png'}")
 
 
 def last_stats(run_dir: Path) -> dict:
@@ -183,6 +216,7 @@ def summarise(paths: dict[str, Path], eval_samples: int, timings: dict) -> dict:
     from sida_edm2.sample.sampling import generate_latents, teacher_latents
 
     torch.manual_seed(0)
+    click.echo(f"summary: sampling {eval_samples} latents from the teacher (63 evaluations) and the student")
     data = read_data_latents(paths["latents"])
     seeds = list(range(1_000_000, 1_000_000 + eval_samples))  # not the grid's seeds
     teacher = load_network(paths["teacher"] / "export-latest.safetensors")
@@ -197,6 +231,8 @@ def summarise(paths: dict[str, Path], eval_samples: int, timings: dict) -> dict:
         "grids": {
             "student": str(paths["samples"] / "grid.png"),
             "teacher": str(paths["teacher_samples"] / "grid.png"),
+            "data": str(paths["images"].parent / "data-grid.png"),
+            "vae": str(paths["images"].parent / "vae-grid.png"),
         },
         "images": manifest["num_samples"],
         "classes": manifest["num_classes"],
@@ -224,7 +260,8 @@ def print_summary(s: dict) -> None:
         f"data      {s['images']} images, {s['classes']} classes -> {s['paths']['latents']}",
         f"teacher   {s['teacher_kimg']:.1f} kimg of EDM2 training  {_losses(s['teacher_losses'])}",
         f"student   {s['student_kimg']:.2f} kimg of SiDA            {_losses(s['student_losses'])}",
-        f"grids     {s['grids']['student']} (one step), {s['grids']['teacher']} (teacher, 63 steps)",
+        f"grids     {s['grids']['student']} (one step), {s['grids']['teacher']} (teacher, 63 steps),",
+        f"          {s['grids']['data']} (the data), {s['grids']['vae']} (the data through the VAE)",
         f"latent FD to the data (4x4-pooled latents, {s['eval_samples']} samples each; lower is better):",
         f"  teacher, Heun 63 evaluations  {fd['teacher_heun_63']:.4f}",
         f"  student, 1 evaluation         {fd['student_one_step']:.4f}",

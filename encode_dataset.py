@@ -11,7 +11,6 @@ redone, and every source image ends up in the dataset exactly once. See latent/F
 """
 
 import logging
-import os
 
 import click
 
@@ -39,10 +38,9 @@ from sida_edm2.cli_types import DeviceType
 )
 @click.option(
     "--workers",
-    default=min(8, os.cpu_count() or 1),
-    show_default=True,
+    default=None,
     type=click.IntRange(0),
-    help="Image-decoding processes per rank.",
+    help="Image-decoding processes per rank [default: the cores per rank minus one, at most 16].",
 )
 @click.option(
     "--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Images per shard."
@@ -77,6 +75,17 @@ from sida_edm2.cli_types import DeviceType
     type=DeviceType(allow_auto=True),
     help="auto (cuda if available), cpu, cuda, cuda:1...",
 )
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="VAE memory layout on GPUs [default: channels_last].",
+)
+@click.option(
+    "--compile",
+    "compile_vae",
+    is_flag=True,
+    help="torch.compile the VAE encoder for the fixed batch shape (GPU; a minute of compilation first).",
+)
 @click.option("--verify", is_flag=True, help="Re-read all shards and check them against the manifest.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def main(
@@ -92,6 +101,8 @@ def main(
     flip,
     limit,
     device,
+    channels_last,
+    compile_vae,
     verify,
     progress,
 ):
@@ -114,6 +125,8 @@ def main(
             limit=limit,
             device=device,
             progress=progress,
+            channels_last=channels_last,
+            compile=compile_vae,
         )
         init_distributed_if_launched()
         try:

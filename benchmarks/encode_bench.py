@@ -1,16 +1,22 @@
-"""GPU benchmark of the latent-dataset stage (issue 3): SD-VAE encoding and the training reader.
+"""GPU benchmark of the latent-dataset stage (issues 3 and 14): each stage's img/s and GPU busy share.
 
     python benchmarks/encode_bench.py --out benchmarks/results/encode_bench.json
-    python benchmarks/encode_bench.py --device cpu --resolution 64 --iters 2 --pipeline-images 16 \\
+    python benchmarks/encode_bench.py --device cpu --resolution 64 --iters 2 --images 16 \\
         --reader-samples 512        # a quick CPU smoke run
 
 The VAE is the real stabilityai/sd-vae-ft-mse architecture (83,653,863 parameters, checked) built from
 its config with random weights: nothing is downloaded, and speed does not depend on the weights.
-Rows:
-- encode: images/s of `latent.vae.encode_moments` (uint8 host pixels -> moments, copy included) at
-  batch 1 fp32 without channels_last (how EDM2's dataset tool runs), and at --batch in fp32 / bf16 with
-  and without channels_last (the tool's default: fp32, channels_last, batch 32).
-- pipeline: encode_dataset's whole job (JPEG decode, crop, VAE, shard writing) on synthetic JPEGs.
+Rows (benchmarks/vae_stages.py measures them; GPU busy = share of the wall time with a kernel or copy
+on the GPU, from torch.profiler):
+- prepare: one process's JPEG decode + ADM crop (what each encode_dataset worker does per image).
+- encode: `latent.vae.encode_moments` alone (pinned uint8 host pixels -> moments) at batch 1 fp32
+  without channels_last (how EDM2's dataset tool runs), at --batch in fp32, and in the fast setting
+  (--fast-dtype, --channels-last/--no-channels-last, --compile).
+- pipeline: encode_dataset's whole job (JPEG decode, crop, VAE, shard writing) on --images JPEGs made
+  from real photographs (scikit-image's, cropped and resized to ImageNet-like sizes, quality 90), in
+  fp32 and in the fast setting: img/s of the whole run and of its steady state (from the first batch
+  on), and the steady state's GPU busy share. Then the max and mean abs difference between the two
+  runs' posterior means and stds.
 - reader: samples/s of `latent.reader.LatentLoader` at 64x64 latents, per DataLoader worker count.
 Prints a table; --out writes JSON (.json) or the table (any other suffix).
 """
@@ -29,95 +35,49 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from latent.encode_job import EncodeOptions, run_encode
+import vae_stages as st
+
 from latent.reader import LatentLoader
 from latent.shards import write_synthetic_dataset
-from latent.vae import SD_VAE_FT_MSE_CONFIG, build_vae, encode_moments
+from latent.vae import SD_VAE_FT_MSE_CONFIG
 
 SD_VAE_PARAMETERS = 83_653_863
 
 
-def _sync(device: torch.device) -> None:
+def encode_rows(device, batch: int, resolution: int, iters: int, fast: dict) -> list[dict]:
+    variants = [(1, "float32", {"channels_last": False}), (batch, "float32", {})]
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_encode(vae, device, batch: int, resolution: int, iters: int, warmup: int = 3) -> float:
-    pixels = torch.randint(0, 256, (batch, 3, resolution, resolution), dtype=torch.uint8)
-    if device.type == "cuda":
-        pixels = pixels.pin_memory()
-    for _ in range(warmup):
-        encode_moments(vae, pixels)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        encode_moments(vae, pixels)
-    _sync(device)
-    return batch * iters / (time.perf_counter() - start)
-
-
-def encode_rows(device, batch: int, resolution: int, iters: int) -> list[dict]:
+        fast_dtype = fast.pop("dtype")
+        variants.append((batch, fast_dtype, fast))
     rows = []
-    variants = [(1, "float32", False), (batch, "float32", False), (batch, "float32", True)]
-    if device.type == "cuda":
-        variants.append((batch, "bfloat16", True))
-    for size, dtype, channels_last in variants:
-        vae = build_vae(SD_VAE_FT_MSE_CONFIG, device, getattr(torch, dtype))
-        vae = vae.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        if size == 1:
-            iters_here = max(iters, 3) * 4  # batch 1 is fast per call: more calls for a stable number
-        else:
-            iters_here = iters
-        rate = time_encode(vae, device, size, resolution, iters_here)
-        rows.append(
-            {
-                "what": "encode",
-                "batch": size,
-                "dtype": dtype,
-                "channels_last": channels_last,
-                "img_per_s": rate,
-            }
-        )
-        del vae
+    for size, dtype, switches in variants:
+        iters_here = max(iters, 3) * 4 if size == 1 else iters  # batch 1: more calls for a stable number
+        rate = st.encoder_rate(device, getattr(torch, dtype), size, resolution, iters_here, **switches)
+        rows.append({"what": "encode", "batch": size, "dtype": dtype, **switches, **rate})
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def pipeline_row(device, batch: int, resolution: int, images: int, workers: int, workdir: Path) -> dict:
-    from PIL import Image
-
-    source = workdir / "jpegs" / "n00000000"
-    source.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    base = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)  # ImageNet's most common size
-    for i in range(images):
-        Image.fromarray(np.roll(base, i, axis=1)).save(source / f"img{i:06d}.JPEG", quality=90)
-    torch.manual_seed(0)
-    build_vae(SD_VAE_FT_MSE_CONFIG).save_pretrained(workdir / "vae")
-    options = EncodeOptions(
-        source=str(source.parent),
-        dest=str(workdir / "latents"),
-        vae=str(workdir / "vae"),
-        resolution=resolution,
-        batch_size=batch,
-        workers=workers,
-        shard_size=256,
-        device=str(device),
-        progress=False,
-    )
-    start = time.perf_counter()
-    manifest = run_encode(options)
-    seconds = time.perf_counter() - start
-    return {
-        "what": "pipeline",
-        "batch": batch,
-        "dtype": "float32",
-        "workers": workers,
-        "images": manifest["num_samples"],
-        "img_per_s": manifest["num_samples"] / seconds,
-        "note": "includes VAE load and JPEG decode/crop",
-    }
+def pipeline_rows(device, batch: int, resolution: int, images: int, workers, fast: dict, workdir: Path):
+    jpegs = st.make_photo_jpegs(workdir / "jpegs", images)
+    vae_dir = st.save_random_vae(workdir / "vae")
+    settings = [("float32", {})]
+    if device.type == "cuda":
+        settings.append((fast.pop("dtype"), fast))
+    rows = [{"what": "prepare", **st.prepare_rate(str(workdir / "jpegs"), resolution, min(images, 128))}]
+    common = {"resolution": resolution, "batch_size": batch, "shard_size": 256, "workers": workers}
+    for dtype, switches in settings:
+        dest = workdir / f"latents-{dtype}-{len(rows)}"  # 1: fp32, 2: the fast setting
+        rate = st.encode_end_to_end(
+            str(workdir / "jpegs"), vae_dir, str(dest), device, dtype, **common, **switches
+        )
+        rows.append({"what": "pipeline", "batch": batch, "dtype": dtype, **switches, **jpegs, **rate})
+    if len(rows) == 3:
+        reference, fast_run = (workdir / f"latents-{r['dtype']}-{i + 1}" for i, r in enumerate(rows[1:]))
+        diff = st.moment_differences(reference, fast_run)
+        rows.append({"what": "latent diff", **diff})
+    return rows
 
 
 def reader_rows(samples: int, workdir: Path, worker_counts: list[int], batch: int = 64) -> list[dict]:
@@ -149,14 +109,14 @@ def reader_rows(samples: int, workdir: Path, worker_counts: list[int], batch: in
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'what':9} {'batch':>5} {'dtype':9} {'ch_last':7} {'workers':>7} {'rate':>12}"]
+    lines = []
     for r in rows:
-        rate = f"{r['img_per_s']:.1f} img/s" if "img_per_s" in r else f"{r['samples_per_s']:.0f} smp/s"
-        channels = {True: "yes", False: "no"}.get(r.get("channels_last"), "")
-        lines.append(
-            f"{r['what']:9} {r['batch']:5d} {r.get('dtype', ''):9} {channels:7} "
-            f"{r.get('workers', '')!s:>7} {rate:>12}"
-        )
+        busy = {k: v for k, v in r.items() if k.endswith("busy") and v is not None}
+        rates = {k: v for k, v in r.items() if k.endswith(("img_s", "per_s", "per_process"))}
+        rest = {k: v for k, v in r.items() if k not in busy and k not in rates and k != "what"}
+        parts = [f"{k} {v:.1f}" for k, v in rates.items()] + [f"{k} {v:.0%}" for k, v in busy.items()]
+        parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rest.items()]
+        lines.append(f"{r['what']:12} " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -166,15 +126,41 @@ def format_table(rows: list[dict]) -> str:
 @click.option("--resolution", default=512, show_default=True, help="Image size of the encode rows.")
 @click.option("--iters", default=20, show_default=True, help="Timed batches per encode row.")
 @click.option(
-    "--pipeline-images", default=512, show_default=True, help="JPEGs for the pipeline row (0: skip)."
+    "--fast-dtype",
+    type=click.Choice(["bfloat16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="dtype of the fast rows (GPU).",
 )
-@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, help="Pipeline decoders.")
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="Layout of the fast rows [default: the VAE's default, channels_last].",
+)
+@click.option("--compile", "compile_vae", is_flag=True, help="torch.compile the VAE in the fast rows.")
+@click.option(
+    "--images", default=1024, show_default=True, help="Photo JPEGs of the pipeline rows (0: skip them)."
+)
+@click.option("--workers", type=int, default=None, help="Pipeline decoders [default: encode_dataset's].")
 @click.option("--reader-samples", default=16384, show_default=True, help="Samples per reader row (0: skip).")
 @click.option(
     "--reader-workers", default="1,2,4", show_default=True, help="Worker counts of the reader rows."
 )
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write results (.json: JSON).")
-def main(device, batch, resolution, iters, pipeline_images, workers, reader_samples, reader_workers, out):
+def main(
+    device,
+    batch,
+    resolution,
+    iters,
+    fast_dtype,
+    channels_last,
+    compile_vae,
+    images,
+    workers,
+    reader_samples,
+    reader_workers,
+    out,
+):
     device = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
@@ -188,10 +174,13 @@ def main(device, batch, resolution, iters, pipeline_images, workers, reader_samp
         raise click.ClickException(
             f"architecture has {parameters} parameters, sd-vae-ft-mse has {SD_VAE_PARAMETERS}"
         )
-    rows = encode_rows(device, batch, resolution, iters)
+    fast = {"dtype": fast_dtype, "compile": compile_vae}
+    if channels_last is not None:
+        fast["channels_last"] = channels_last
+    rows = encode_rows(device, batch, resolution, iters, dict(fast))
     with tempfile.TemporaryDirectory() as tmp:
-        if pipeline_images:
-            rows.append(pipeline_row(device, batch, resolution, pipeline_images, workers, Path(tmp)))
+        if images:
+            rows += pipeline_rows(device, batch, resolution, images, workers, dict(fast), Path(tmp))
         if reader_samples:
             rows += reader_rows(reader_samples, Path(tmp), [int(w) for w in reader_workers.split(",")])
     env = {

@@ -10,6 +10,8 @@ and listed in the manifest; nothing stops the job short of an unusable source or
 
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +32,7 @@ from latent.encode_plan import (
     prepare_dest,
     record_path,
 )
+from latent.host_copy import HostCopy
 from latent.manifest import MANIFEST, build_manifest, write_json_atomic
 from latent.shard_format import LatentSample
 from latent.shards import shard_name, write_shard
@@ -51,7 +54,7 @@ class EncodeOptions:
     vae: str = DEFAULT_VAE  # hub id or local directory
     resolution: int = 512  # output image size of the crop (latents are resolution/8)
     batch_size: int = 32  # images per VAE call
-    workers: int = 8  # image-decoding worker processes
+    workers: int | None = None  # image-decoding worker processes (None: default_workers())
     shard_size: int = 1000  # source items per shard
     dtype: str = "float32"  # VAE compute dtype: float32, or bfloat16 (GPU only)
     storage_dtype: str = "float32"  # dtype of the stored moments: float32 or float16
@@ -59,6 +62,16 @@ class EncodeOptions:
     limit: int | None = None  # encode only this many items, spread evenly over the source
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...
     progress: bool = True  # show a tqdm bar (rank 0)
+    channels_last: bool | None = None  # VAE memory layout on CUDA (None: channels_last)
+    compile: bool = False  # torch.compile the VAE encoder for the batch's fixed shape
+
+
+def default_workers() -> int:
+    """Decoding processes per rank: this process's cores, shared by the ranks of the node, one left for
+    the rank itself (JPEG decoding plus the bicubic resize is the CPU's whole share of the work)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, min(16, cores // ranks_here - 1))
 
 
 def _rank_and_world() -> tuple[int, int, int]:
@@ -116,26 +129,40 @@ class _ShardAccumulator:
         self.modes: dict[str, int] = {}
 
 
-def _moments_of_batch(usable: list[dict], vae, flip: bool) -> list[list]:
+def _submit_batch(batch: dict, vae, options: EncodeOptions) -> tuple[list[dict], HostCopy | None]:
+    """Queue a batch's VAE work; returns its usable records and the pending copy of their moments.
+
+    The moments come back as [means, stds] (plus the flipped pair with --flip) once `copy.wait()`
+    returns; EDM2 imports carry their moments in the records and need no VAE (copy None)."""
+    usable = [r for r in batch["records"] if r["reason"] is None]
+    if not usable or "moments" in usable[0]:
+        return usable, None
+    pad_to = options.batch_size if options.compile else None  # one shape for the compiled encoder
+    device = next(vae.parameters()).device
+    pixels = batch["pixels"].to(device, non_blocking=True)  # pinned by the DataLoader: asynchronous
+    moments = list(encode_moments(vae, pixels, pad_to))
+    if options.flip:
+        moments += encode_moments(vae, pixels.flip(-1), pad_to)
+    return usable, HostCopy(moments)
+
+
+def _moments_of_batch(usable: list[dict], copy: HostCopy | None) -> list[list]:
     """[means, stds, flipped means, flipped stds], one entry per usable record (None: not stored)."""
     none = [None] * len(usable)
-    if "moments" in usable[0]:  # EDM2 import: each array is [mean; std] along the channels
+    if copy is None:  # EDM2 import: each array is [mean; std] along the channels
         half = usable[0]["moments"].shape[0] // 2
         return [[r["moments"][:half] for r in usable], [r["moments"][half:] for r in usable], none, none]
-    pixels = torch.from_numpy(np.stack([r["pixels"] for r in usable]))
-    means, stds = (list(t.cpu().numpy()) for t in encode_moments(vae, pixels))
-    if not flip:
-        return [means, stds, none, none]
-    mean_flips, std_flips = (list(t.cpu().numpy()) for t in encode_moments(vae, pixels.flip(-1)))
-    return [means, stds, mean_flips, std_flips]
+    arrays = [list(a) for a in copy.wait()]
+    return arrays if len(arrays) == 4 else [*arrays, none, none]
 
 
-def _samples_from_batch(batch: list[dict], vae, flip: bool) -> list[tuple[dict, LatentSample | None]]:
+def _samples_from_batch(
+    records: list[dict], usable: list[dict], copy: HostCopy | None
+) -> list[tuple[dict, LatentSample | None]]:
     """Prepared records -> samples (None for a record skipped as unusable), in batch order."""
-    usable = [r for r in batch if r["reason"] is None]
     samples = {}
     if usable:
-        for r, arrays in zip(usable, zip(*_moments_of_batch(usable, vae, flip), strict=True), strict=True):
+        for r, arrays in zip(usable, zip(*_moments_of_batch(usable, copy), strict=True), strict=True):
             if not all(a is None or np.isfinite(a).all() for a in arrays):
                 r["reason"] = "non-finite VAE output"
                 continue
@@ -143,7 +170,7 @@ def _samples_from_batch(batch: list[dict], vae, flip: bool) -> list[tuple[dict, 
             mean, std, mean_flip, std_flip = arrays
             info = {"source": item.path, **r["info"]}
             samples[r["index"]] = LatentSample(item.key, mean, std, item.label, mean_flip, std_flip, info)
-    return [(r, samples.get(r["index"])) for r in batch]
+    return [(r, samples.get(r["index"])) for r in records]
 
 
 def _finish_shard(dest: Path, index: int, acc: _ShardAccumulator, storage_dtype: str) -> None:
@@ -158,22 +185,64 @@ def _finish_shard(dest: Path, index: int, acc: _ShardAccumulator, storage_dtype:
     write_json_atomic(record_path(dest, index), record)  # last: its existence marks the shard complete
 
 
+class _ShardWriter:
+    """Writes finished shards on a thread, so tar writing, fsync and hashing overlap the GPU's work.
+
+    At most `max_pending` shards wait in memory (submit blocks beyond). `close` writes every shard
+    handed over, also when the encoding loop stopped on an error (those shards are complete), then
+    re-raises the thread's first error. A shard counts as done only once its record is written, so a
+    kill while shards wait here leaves them pending for the rerun, as before."""
+
+    def __init__(self, dest: Path, storage_dtype: str, max_pending: int = 2):
+        self.dest, self.storage_dtype = dest, storage_dtype
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:  # after an error, drain the queue without writing
+                try:
+                    _finish_shard(self.dest, *job, self.storage_dtype)
+                except BaseException as exn:  # re-raised in the encoding thread
+                    self._error = exn
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, index: int, acc: _ShardAccumulator) -> None:
+        self._raise_error()
+        self._queue.put((index, acc))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+
 def _encode_shards(source, plan, items, shards, dest, options, vae, rank) -> None:
     work = [(s, item) for s in shards for item in plan.shard_items(items, s)]
     accumulators = {s: _ShardAccumulator(len(plan.shard_items(items, s))) for s in shards}
     dataset = PreparedItems(source, [item for _, item in work], options.resolution)
+    workers = default_workers() if options.workers is None else options.workers
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=options.batch_size,
-        num_workers=options.workers,
+        num_workers=workers,
         collate_fn=collate_prepared,
-        prefetch_factor=4 if options.workers else None,
+        prefetch_factor=2 if workers else None,  # 2 batches per worker keep the GPU fed
+        pin_memory=vae is not None and next(vae.parameters()).is_cuda,  # asynchronous host-to-GPU copies
     )
     delay = float(os.environ.get(DELAY_ENV, 0))
     bar = tqdm(total=len(work), unit="img", disable=not options.progress or rank != 0, desc=f"rank {rank}")
     skipped_total = 0
-    for batch in loader:
-        for record, sample in _samples_from_batch(batch, vae, options.flip):
+    writer = _ShardWriter(dest, options.storage_dtype)
+
+    def store(records: list[dict], usable: list[dict], copy: HostCopy | None) -> None:
+        nonlocal skipped_total
+        for record, sample in _samples_from_batch(records, usable, copy):
             shard = work[record["index"]][0]
             acc = accumulators[shard]
             if sample is None:
@@ -187,12 +256,25 @@ def _encode_shards(source, plan, items, shards, dest, options, vae, rank) -> Non
                     acc.modes[record["mode"]] = acc.modes.get(record["mode"], 0) + 1
             acc.remaining -= 1
             if acc.remaining == 0:
-                _finish_shard(dest, shard, acc, options.storage_dtype)
-                del accumulators[shard]
-        bar.update(len(batch))
+                writer.submit(shard, accumulators.pop(shard))
+        bar.update(len(records))
         bar.set_postfix(skipped=skipped_total, refresh=False)
-        if delay:
-            time.sleep(delay)
+
+    # One batch in flight: batch n+1's encoder kernels are queued before batch n's moments are
+    # awaited, so the GPU works while the host stores batch n and fetches the next batch.
+    pending = None
+    try:
+        for batch in loader:
+            submitted = (batch["records"], *_submit_batch(batch, vae, options))
+            if pending is not None:
+                store(*pending)
+            pending = submitted
+            if delay:
+                time.sleep(delay)
+        if pending is not None:
+            store(*pending)
+    finally:
+        writer.close()
     bar.close()
 
 
@@ -227,7 +309,13 @@ def _write_manifest(dest: Path, source: Source, plan: EncodePlan, options: Encod
 def _load_checked_vae(options: EncodeOptions, device: torch.device):
     """The VAE, once it is known to represent --resolution exactly (EncodeError otherwise)."""
     try:
-        vae = load_vae(options.vae, device, DTYPES[options.dtype])
+        vae = load_vae(
+            options.vae,
+            device,
+            DTYPES[options.dtype],
+            channels_last=options.channels_last,
+            compile=options.compile,
+        )
     except OSError as exn:
         raise EncodeError(str(exn)) from None
     factor = downsampling_factor(vae)

@@ -4,8 +4,12 @@
     mean, std = encode_moments(vae, pixels_uint8)      # [B,3,H,W] uint8 -> 2 x float32 [B,4,H/8,W/8]
     images = decode_to_uint8(vae, latents_scaled)      # EDM2-space latents -> uint8 [B,3,H,W]
 
-bfloat16 is for GPUs (on CPU it is ~200x slower than float32); whatever the VAE's dtype,
-the moments are computed from its raw output in float32. On CUDA the VAE runs channels_last.
+bfloat16 is for GPUs (on CPU it is ~200x slower than float32); whatever the VAE's dtype, the moments
+are computed from its raw output in float32. Speed switches of `load_vae` / `build_vae`:
+  channels_last  memory layout on CUDA (None: channels_last, today's default; False: NCHW),
+  compile        torch.compile the encoder and decoder for fixed shapes (pass `pad_to` so the last,
+                 smaller batch does not recompile).
+Attention always goes through torch's scaled_dot_product_attention (diffusers' AttnProcessor2_0).
 """
 
 import hashlib
@@ -14,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from latent.scaling import unscale_latents
 
@@ -35,20 +40,37 @@ SD_VAE_FT_MSE_CONFIG = {
 }
 
 
-def _prepare(vae: AutoencoderKL, device: str | torch.device, dtype: torch.dtype) -> AutoencoderKL:
+def _prepare(
+    vae: AutoencoderKL,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> AutoencoderKL:
     device = torch.device(device)
     if device.type == "cpu" and dtype != torch.float32:
         raise ValueError(f"the VAE runs in float32 on CPU ({dtype} there is far slower and gains nothing)")
     # nn.Module.to, not diffusers' override: that one warns about fp32-only modules even when there are none.
     vae = torch.nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
-    if device.type == "cuda":
+    vae.set_attn_processor(AttnProcessor2_0())  # SDPA (flash / memory-efficient kernels), never q @ k^T
+    if device.type == "cuda" and channels_last is not False:
         vae = vae.to(memory_format=torch.channels_last)
+    if compile:
+        # Fixed shapes: a new input shape recompiles instead of tracing a dynamic graph (callers pad).
+        vae.encoder.compile(dynamic=False)
+        vae.decoder.compile(dynamic=False)
     return vae
 
 
-def build_vae(config: dict, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def build_vae(
+    config: dict,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool | None = None,
+    compile: bool = False,
+) -> AutoencoderKL:
     """An AutoencoderKL with random weights from an architecture dict (no download)."""
-    return _prepare(AutoencoderKL(**config), device, dtype)
+    return _prepare(AutoencoderKL(**config), device, dtype, channels_last, compile)
 
 
 def load_vae(
@@ -56,9 +78,12 @@ def load_vae(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
+    channels_last: bool | None = None,
+    compile: bool = False,
 ) -> AutoencoderKL:
     """AutoencoderKL from a Hugging Face hub id or a local directory (save_pretrained layout). A VAE that
-    cannot be found or read raises OSError with a one-line message naming it."""
+    cannot be found or read raises OSError with a one-line message naming it.
+    channels_last / compile: the speed switches of the module docstring."""
     problem = vae_reference_problem(name_or_path)
     if problem:
         raise OSError(problem)
@@ -67,7 +92,7 @@ def load_vae(
         vae = AutoencoderKL.from_pretrained(name_or_path, revision=revision, low_cpu_mem_usage=False)
     except (OSError, ValueError) as err:
         raise OSError(f"cannot load the VAE {name_or_path}: {' '.join(str(err).split())}") from err
-    return _prepare(vae, device, dtype)
+    return _prepare(vae, device, dtype, channels_last, compile)
 
 
 def vae_reference_problem(name_or_path: str) -> str | None:
@@ -121,26 +146,42 @@ def _memory_format(vae: AutoencoderKL) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _pad_batch(x: torch.Tensor, pad_to: int | None) -> torch.Tensor:
+    """Repeat the last sample up to `pad_to` (a compiled VAE then sees one shape; outputs are sliced)."""
+    if pad_to is None or len(x) >= pad_to:
+        return x
+    return torch.cat([x, x[-1:].expand(pad_to - len(x), *x.shape[1:])])
+
+
 @torch.no_grad()
-def encode_moments(vae: AutoencoderKL, pixels_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 pixels [B,3,H,W] -> posterior (mean, std), float32 [B,4,H/8,W/8] on the VAE's device."""
+def encode_moments(
+    vae: AutoencoderKL, pixels_uint8: torch.Tensor, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 pixels [B,3,H,W] -> posterior (mean, std), float32 [B,4,H/8,W/8] on the VAE's device.
+    pad_to: run smaller batches padded to this size (GroupNorm is per sample: the padding changes nothing)."""
     if pixels_uint8.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {pixels_uint8.dtype}")
     device, dtype = _vae_device_dtype(vae)
-    x = (pixels_uint8.to(device, non_blocking=True).to(torch.float32) / 255).to(dtype)  # [0, 1] per EDM2
+    count = len(pixels_uint8)
+    pixels = _pad_batch(pixels_uint8.to(device, non_blocking=True), pad_to)
+    x = (pixels.to(torch.float32) / 255).to(dtype)  # [0, 1] per EDM2
     x = x.contiguous(memory_format=_memory_format(vae))
     # The raw moments, then mean/std in float32: a bf16 exp(logvar/2) would lose the small stds.
-    moments = vae.encode(x).latent_dist.parameters.to(torch.float32)
+    moments = vae.encode(x).latent_dist.parameters[:count].to(torch.float32)
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     return mean.contiguous(), std.contiguous()
 
 
 @torch.no_grad()
-def decode_to_uint8(vae: AutoencoderKL, latents_scaled: torch.Tensor) -> torch.Tensor:
-    """EDM2-space latents [B,4,h,w] -> uint8 images [B,3,8h,8w] (clamp(0,1)*255, truncated as EDM2)."""
+def decode_to_uint8(
+    vae: AutoencoderKL, latents_scaled: torch.Tensor, pad_to: int | None = None
+) -> torch.Tensor:
+    """EDM2-space latents [B,4,h,w] -> uint8 images [B,3,8h,8w] (clamp(0,1)*255, truncated as EDM2).
+    pad_to: as for `encode_moments`."""
     device, dtype = _vae_device_dtype(vae)
-    raw = unscale_latents(latents_scaled.to(device, torch.float32)).to(dtype)
+    count = len(latents_scaled)
+    raw = unscale_latents(_pad_batch(latents_scaled.to(device, torch.float32), pad_to)).to(dtype)
     raw = raw.contiguous(memory_format=_memory_format(vae))
-    images = vae.decode(raw).sample.to(torch.float32)
+    images = vae.decode(raw).sample[:count].to(torch.float32)
     return (images.clamp(0, 1) * 255).to(torch.uint8)

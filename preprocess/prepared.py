@@ -3,7 +3,9 @@
 For image sources an item becomes uint8 pixels [3, R, R] (decoded, converted to RGB, ADM/EDM2 crop);
 for EDM2 latent zips it becomes the stored moments [8, h, w] float32. An item that cannot be used comes
 back with `reason` set instead (never an exception), so one bad file cannot stop a DataLoader.
-Use `collate_prepared` as the DataLoader's collate_fn: batches stay lists of these records.
+Use `collate_prepared` as the DataLoader's collate_fn: a batch is {"records": the records, "pixels": the
+usable images' pixels stacked into one uint8 tensor [n, 3, R, R] in record order, or None}; one tensor
+per batch is what the DataLoader pins, so the copy to the GPU is asynchronous.
 """
 
 from io import BytesIO
@@ -67,6 +69,8 @@ class PreparedItems(torch.utils.data.Dataset):
         return record
 
 
-def collate_prepared(records: list[dict]) -> list[dict]:
-    """Keep a batch as its list of records (pixels are stacked later, only for the usable ones)."""
-    return records
+def collate_prepared(records: list[dict]) -> dict:
+    """Records -> {"records": records without their pixels, "pixels": uint8 [n,3,R,R] or None}.
+    Only usable image records carry pixels, so row i of "pixels" is the i-th usable record's image."""
+    pixels = [r.pop("pixels") for r in records if "pixels" in r]
+    return {"records": records, "pixels": torch.from_numpy(np.stack(pixels)) if pixels else None}

@@ -264,3 +264,18 @@ def test_two_processes_write_the_same_images(assets, tmp_path):
     assert_same_images(_pngs(out2, range(7)), _pngs(out1, range(7)))
     with np.load(out2 / "images.npz") as npz:
         np.testing.assert_array_equal(npz["arr_0"], _pngs(out2, range(7)))
+
+
+@pytest.mark.slow
+def test_png_encoder_processes_write_what_threads_write(tmp_path):
+    from sida_edm2.sample.sample_files import PngWriter
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    for name, options in (("threads", {"num_threads": 2}), ("processes", {"processes": 2})):
+        with PngWriter(tmp_path / name, **options) as writer:
+            writer.submit(images, [5, 1005, 7], [1, 2, -1])
+    for seed, image, label in zip([5, 1005, 7], images, [1, 2, -1], strict=True):
+        for name in ("threads", "processes"):
+            pixels, stored = read_png(png_path(tmp_path / name, seed))
+            assert np.array_equal(pixels, image) and stored == label

@@ -10,11 +10,22 @@ import torch
 from benchmarks.toy_mixture import ISO_STD, MODE_WEIGHTS, ToyMixture
 from benchmarks.toy_report import kimg_to_reach
 from latent.scaling import RAW_MEAN, RAW_STD
-from latent.tiny_vae import POSTERIOR_STD_RATIO, TINY_VAE_CONFIG, calibrate_, create_tiny_vae, read_images
+from latent.tiny_vae import (
+    POSTERIOR_STD_RATIO,
+    TINY_VAE_CONFIG,
+    calibrate_,
+    create_tiny_vae,
+    fit,
+    read_images,
+)
 from latent.vae import build_vae, encode_moments, load_vae
 from preprocess.sources import open_source
 from preprocess.toy_images import CLASSES, toy_image, write_toy_dataset
 from sida_edm2.sample.metrics import frechet_distance
+
+# Mean abs colour error (in [0, 1]) of the demo VAE's reconstructions: per image, and on the shapes.
+IMAGE_COLOUR_BOUND = 0.065  # measured 0.058 (0.060 with the former 100-step fit at 128 pixels)
+SHAPE_COLOUR_BOUND = 0.26  # measured 0.245 (0.268 before)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +76,52 @@ def test_calibration_sets_edm2_raw_statistics_and_keeps_the_decoder(toy_images):
 
 def test_create_tiny_vae_fits_and_saves_a_loadable_directory(tmp_path, toy_images):
     summary = create_tiny_vae(tmp_path / "vae", images=str(toy_images), fit_steps=2, resolution=64)
-    assert summary["images"] == 3 * len(CLASSES) and summary["final_mse"] > 0
+    assert summary["images"] == 3 * len(CLASSES) and summary["final_mse"] > 0 and not summary["kept"]
     vae = load_vae(str(tmp_path / "vae"))
     mean, _ = encode_moments(vae, read_images(str(toy_images), 64))
     assert mean.shape[1:] == (4, 8, 8)
     assert torch.allclose(mean.mean(dim=(0, 2, 3)), torch.tensor(RAW_MEAN), atol=1e-3)
+
+
+def test_tiny_vae_refit_is_bit_identical_and_an_existing_one_is_kept(tmp_path, toy_images):
+    # A rerun of the demo must not change the VAE under already encoded latents (issue 11).
+    pixels = read_images(str(toy_images), 32)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        vae = build_vae(TINY_VAE_CONFIG)
+        fit(vae, pixels, steps=3, batch=4, resolution=16)
+        weights.append(vae.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    dest = tmp_path / "vae"
+    create_tiny_vae(dest, images=str(toy_images), fit_steps=2, resolution=32)
+    saved = (dest / "diffusion_pytorch_model.safetensors").read_bytes()
+    again = create_tiny_vae(dest, images=str(toy_images), fit_steps=2, resolution=32)
+    assert again["kept"] and (dest / "diffusion_pytorch_model.safetensors").read_bytes() == saved
+    other = create_tiny_vae(dest, images=str(toy_images), fit_steps=3, resolution=32)
+    assert not other["kept"]  # other settings: made anew
+
+
+@pytest.mark.slow
+def test_demo_vae_reproduces_the_colours_of_the_toy_images(tmp_path):
+    # The demo's fit (its images, steps and resolution): each image's mean colour and the colour of its
+    # shape must come back, not a brownish average (issue 11: the first demo's samples were monochrome).
+    from demo import FULL
+
+    images = tmp_path / "images"
+    write_toy_dataset(images, per_class=FULL.per_class, resolution=128)
+    create_tiny_vae(tmp_path / "vae", images=str(images), fit_steps=FULL.vae_fit_steps, resolution=128)
+    vae = load_vae(str(tmp_path / "vae"))
+    x = read_images(str(images), 128)[::5].float() / 255
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(0, 1)
+    image_colour_error = (recon.mean(dim=(2, 3)) - x.mean(dim=(2, 3))).abs()  # [N, 3]
+    shape = ((x.max(dim=1).values - x.min(dim=1).values) > 0.4).unsqueeze(1).float()  # saturated pixels
+    area = shape.sum(dim=(2, 3)).clamp(min=1)
+    shape_colour_error = ((recon - x) * shape).sum(dim=(2, 3)).abs() / area  # [N, 3]
+    assert image_colour_error.mean() < IMAGE_COLOUR_BOUND, image_colour_error.mean(0)
+    assert shape_colour_error.mean() < SHAPE_COLOUR_BOUND, shape_colour_error.mean(0)
 
 
 @pytest.fixture(scope="module")

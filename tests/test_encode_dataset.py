@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -255,3 +256,32 @@ def test_rerun_with_changed_vae_weights_is_refused(tree, tmp_path):
     assert rerun.exit_code == 1
     assert "was encoded with other weights of the VAE" in rerun.output and "local-sha256:" in rerun.output
     assert (tmp_path / "out" / "manifest.json").read_text() == manifest
+def test_shard_writer_thread_writes_what_it_was_given_and_reports_errors(tmp_path):
+    from latent.encode_job import _ShardAccumulator, _ShardWriter
+    from latent.encode_plan import PARTS, record_path
+    from latent.shard_format import LatentSample
+    from latent.shards import shard_name
+
+    (tmp_path / PARTS).mkdir()
+    acc = _ShardAccumulator(1)
+    acc.samples.append(LatentSample("a", np.zeros((4, 2, 2), np.float32), np.ones((4, 2, 2), np.float32)))
+    writer = _ShardWriter(tmp_path, "float32")
+    writer.submit(3, acc)
+    writer.close()  # waits for the queued shard: nothing handed over is lost
+    assert (tmp_path / shard_name(3)).is_file()
+    assert json.loads(record_path(tmp_path, 3).read_text())["num_samples"] == 1
+
+    broken = _ShardWriter(tmp_path / "missing-folder", "float32")
+    broken.submit(0, acc)
+    with pytest.raises(FileNotFoundError):
+        broken.close()
+
+
+def test_default_workers_share_the_cores_among_local_ranks(monkeypatch):
+    from latent.encode_job import default_workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers() == max(1, min(16, cores - 1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores * 2))
+    assert default_workers() == 1

@@ -56,3 +56,25 @@ def test_sd_vae_ft_mse_architecture_size():
 def test_vae_revision_of_a_local_directory(vae_dir):
     revision = vae_revision(str(vae_dir))
     assert revision.startswith("local-sha256:") and revision == vae_revision(str(vae_dir))
+
+
+def test_padding_to_a_fixed_batch_changes_no_output(vae_dir):
+    # A VAE compiled for one batch shape gets the last, smaller batch padded; GroupNorm is per sample,
+    # so the padded samples must not change the real ones.
+    vae = load_vae(str(vae_dir), "cpu", torch.float32)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    mean, std = encode_moments(vae, pixels)
+    padded_mean, padded_std = encode_moments(vae, pixels, pad_to=5)
+    assert padded_mean.shape == mean.shape
+    torch.testing.assert_close(padded_mean, mean)
+    torch.testing.assert_close(padded_std, std)
+    latents = torch.randn(2, 4, 4, 4)
+    assert torch.equal(decode_to_uint8(vae, latents, pad_to=4), decode_to_uint8(vae, latents))
+
+
+def test_layout_switch_and_sdpa_attention(vae_dir):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    vae = load_vae(str(vae_dir), "cpu", torch.float32, channels_last=False)
+    assert {type(p) for p in vae.attn_processors.values()} == {AttnProcessor2_0}
+    assert vae.encoder.conv_in.weight.is_contiguous()

@@ -12,6 +12,7 @@ import torch
 from helpers_latent import encode_file, imagenet_tree, random_rgb, write_edm2_latent_zip, write_tree
 
 from preprocess.containers import SourceError
+from preprocess.crop import center_crop_dhariwal
 from preprocess.image_decode import decode_image
 from preprocess.prepared import PreparedItems, collate_prepared
 from preprocess.sources import open_source, spread_subset
@@ -114,12 +115,17 @@ def test_prepared_items_in_worker_processes(tree, tmp_path):
     loader = torch.utils.data.DataLoader(
         PreparedItems(source, source.items, 32), batch_size=4, num_workers=2, collate_fn=collate_prepared
     )
-    records = [r for batch in loader for r in batch]
+    batches = list(loader)
+    records = [r for batch in batches for r in batch["records"]]
     assert [r["index"] for r in records] == list(range(len(source.items)))
     bad = {r["item"].path.split("_", 1)[1] for r in records if r["reason"]}
     assert bad == {"bad_text.JPEG", "bad_truncated.JPEG"}
     good = [r for r in records if r["reason"] is None]
-    assert all(r["pixels"].shape == (3, 32, 32) and r["pixels"].dtype == np.uint8 for r in good)
+    pixels = torch.cat([b["pixels"] for b in batches if b["pixels"] is not None])
+    assert pixels.shape == (len(good), 3, 32, 32) and pixels.dtype == torch.uint8
+    image, _, _ = decode_image(source.read(good[-1]["item"]))
+    expected = center_crop_dhariwal(image, 32).transpose(2, 0, 1)
+    assert np.array_equal(pixels[-1].numpy(), expected)  # row i is the i-th usable record's image
     tiny = next(r for r in good if r["item"].key.endswith("_tiny"))
     assert tiny["upscaled"] and tiny["info"]["original_size"] == [5, 3]
     image, _, _ = decode_image(source.read(good[0]["item"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import tqdm
 
+from latent.host_copy import HostCopy
 from latent.vae import decode_to_uint8
 from sida_edm2.io.network_files import ACCEPTED_FORMATS
 from sida_edm2.sample.sample_files import PngWriter, missing_seeds
@@ -87,9 +88,13 @@ def write_images(
     world_size: int = 1,
     device: torch.device | None = None,
     progress: bool = True,
+    png_processes: int = 0,
+    pad_batches: bool = False,
 ) -> int:
     """Make this rank's share of the missing images of `seeds` and write them to the PNG tree under
     `outdir`. Every rank of a process group must call it (it synchronises once, before writing).
+    png_processes: PNG encoder processes (0: threads, see PngWriter); pad_batches: decode the last,
+    smaller batch padded to `batch` (for a VAE compiled for fixed shapes).
     Returns the number of images this rank made."""
     seeds = list(seeds)
     class_of = classes_for_seeds(seeds, classes)
@@ -97,7 +102,17 @@ def write_images(
     todo = rank_slice(missing_seeds(outdir, seeds), rank, world_size)
     barrier()
     bar = tqdm.tqdm(total=len(todo), unit="img", desc=f"rank {rank}", disable=not progress, smoothing=0.1)
-    with PngWriter(outdir) as writer:
+    pad_to = batch if pad_batches else None
+
+    def write(copy: HostCopy, batch_seeds: list[int]) -> None:
+        images, *labels = copy.wait()
+        writer.submit(images, batch_seeds, labels[0].tolist() if labels else None)
+        bar.update(len(batch_seeds))
+
+    # One batch in flight: batch n+1 is queued on the GPU before batch n's images are awaited, so the
+    # GPU keeps working while the host hands batch n to the PNG encoders.
+    pending = None
+    with PngWriter(outdir, processes=png_processes) as writer:
         for batch_seeds in batches(todo, batch):
             latents, labels = make_latents(
                 net,
@@ -108,8 +123,12 @@ def write_images(
                 dtype=dtype,
                 device=device,
             )
-            images = decode_to_uint8(vae, latents).permute(0, 2, 3, 1).cpu().numpy()
-            writer.submit(images, batch_seeds, None if labels is None else labels.tolist())
-            bar.update(len(batch_seeds))
+            images = decode_to_uint8(vae, latents, pad_to).permute(0, 2, 3, 1).contiguous()
+            submitted = (HostCopy([images] if labels is None else [images, labels]), list(batch_seeds))
+            if pending is not None:
+                write(*pending)
+            pending = submitted
+        if pending is not None:
+            write(*pending)
     bar.close()
     return len(todo)

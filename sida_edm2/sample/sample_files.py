@@ -9,11 +9,13 @@ temporary name, then renamed). The .npz is streamed member by member into the zi
 512x512 (39 GB) never need to be in memory at once; np.load reads it like any np.savez file.
 """
 
+import functools
 import math
+import multiprocessing
 import os
 import zipfile
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +56,33 @@ def missing_seeds(outdir: str | os.PathLike, seeds: Iterable[int]) -> list[int]:
     return [s for s in seeds if not png_path(outdir, s).is_file()]
 
 
+@functools.cache
+def _encoder_processes(count: int) -> ProcessPoolExecutor:
+    """`count` PNG encoder processes, started once per program and shared by every PngWriter. They are
+    forked from a fresh server process ("forkserver": this process may hold a CUDA context, which must
+    not be forked), which imports the program's modules once for all of them. They end with the program."""
+    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("forkserver"))
+
+
 class PngWriter:
-    """Writes PNGs on a few threads (PNG compression releases the GIL) while the GPU makes the next
-    batch; at most `max_pending` images wait in memory. Errors surface at `submit` or `close`."""
+    """Writes PNGs in the background while the GPU makes the next batch; at most `max_pending` images
+    wait in memory. Errors surface at `submit` or `close`.
+
+    processes = 0 encodes on `num_threads` threads of this process (zlib releases the GIL, PIL's filter
+    and the rest of its PNG encoder do not); processes > 0 on that many worker processes."""
 
     def __init__(
         self,
         outdir: str | os.PathLike,  # Root of the PNG tree.
-        num_threads: int = 8,  # Encoder threads.
+        num_threads: int = 8,  # Encoder threads (when processes is 0).
         max_pending: int = 256,  # Images queued before submit() waits.
+        processes: int = 0,  # Encoder processes (0: threads).
     ):
         self.outdir = Path(outdir)
         self.max_pending = max_pending
-        self._pool = ThreadPoolExecutor(max_workers=num_threads)
+        self._pool: Executor = (
+            _encoder_processes(processes) if processes else ThreadPoolExecutor(max_workers=num_threads)
+        )
         self._pending: list[Future] = []
 
     def submit(self, images: np.ndarray, seeds: Sequence[int], labels: Sequence[int] | None) -> None:
@@ -86,7 +102,8 @@ class PngWriter:
                 future.result()
         finally:
             self._pending.clear()
-            self._pool.shutdown(wait=True)
+            if isinstance(self._pool, ThreadPoolExecutor):  # the processes serve the next writer too
+                self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "PngWriter":
         return self
