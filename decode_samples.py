@@ -134,8 +134,9 @@ def _formats(ctx, param, value):
 )
 @click.option(
     "--vae-channels-last/--no-vae-channels-last",
-    default=None,
-    help="VAE memory layout on GPUs [default: channels_last].",
+    default=False,
+    show_default=True,
+    help="Channels-last VAE memory layout on GPUs (NCHW measured faster on an H200).",
 )
 @click.option(
     "--compile-vae",

@@ -77,8 +77,9 @@ from sida_edm2.cli_types import DeviceType
 )
 @click.option(
     "--channels-last/--no-channels-last",
-    default=None,
-    help="VAE memory layout on GPUs [default: channels_last].",
+    default=False,
+    show_default=True,
+    help="Channels-last VAE memory layout on GPUs (NCHW measured faster on an H200).",
 )
 @click.option(
     "--compile",

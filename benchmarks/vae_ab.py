@@ -233,7 +233,8 @@ def orchestrate(a: argparse.Namespace) -> None:
             f"--{k.replace('_', '-')}={getattr(a, k)}" for k in ("images", "gen_images", "batch", "iters")
         ]
         argv += ["--smoke"] * a.smoke
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}  # --code goes first on sys.path
+        # The inherited PYTHONPATH (installed packages) stays: the child puts --code first on sys.path.
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
         start = time.perf_counter()
         with open(out / f"{name}.log", "w") as log:
             # Own process group: a timeout ends the variant with its DataLoader and PNG worker processes.

@@ -62,7 +62,7 @@ class EncodeOptions:
     limit: int | None = None  # encode only this many items, spread evenly over the source
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", ...
     progress: bool = True  # show a tqdm bar (rank 0)
-    channels_last: bool | None = None  # VAE memory layout on CUDA (None: channels_last)
+    channels_last: bool = False  # channels-last VAE memory layout on CUDA (NCHW measured faster)
     compile: bool = False  # torch.compile the VAE encoder for the batch's fixed shape
 
 
