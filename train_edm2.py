@@ -136,6 +136,14 @@ def _default(field: str):
 @click.option("--channels-last", is_flag=True, help="Run the UNets on channels-last activations.")
 @click.option("--compile", is_flag=True, help="torch.compile every UNet block (slow first iterations).")
 @click.option(
+    "--fused/--no-fused",
+    default=_default("fused"),
+    help="Run the magnitude-preserving elementwise chains as fused Triton kernels (on a GPU; eager on CPU).",
+)
+@click.option(
+    "--fused-adam/--no-fused-adam", default=_default("fused_adam"), help="torch's fused Adam kernel."
+)
+@click.option(
     "--keep-checkpoints", type=int, default=_default("keep_checkpoints"), help="Checkpoints kept on disk."
 )
 @click.option(

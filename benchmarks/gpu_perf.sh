@@ -48,34 +48,24 @@ START=$(date +%s)
 SKIPPED=()
 FAILED=()
 
+# shellcheck source=benchmarks/budget.sh
+source benchmarks/budget.sh
+
 run() {  # run LABEL TIMEOUT_S train_step.py-ARGS...
-    local label=$1 limit=$2
-    shift 2
-    if [[ -n $ONLY && " $ONLY " != *" $label "* ]]; then
-        return
-    fi
-    local left=$((BUDGET_S - ($(date +%s) - START)))
-    if ((left < 30)); then
-        SKIPPED+=("$label")
-        echo "=== $label: skipped, the time budget is spent"
-        return
-    fi
-    ((limit > left)) && limit=$left
-    echo "=== $label: train_step.py $* (at most ${limit} s)"
+    local label=$1
+    shift
+    selected_limit "$label" "$1" || return
+    shift
+    echo "=== $label: train_step.py $* (at most ${LIMIT} s)"
     local t0
     t0=$(date +%s)
     local launch=("$PYTHON")
     ((GPUS > 1)) && launch=(torchrun --standalone --nproc_per_node "$GPUS")
     local extra=()
     [[ -n $PROFILE ]] && extra=(--profile "$OUT/logs/$label-gpus$GPUS.profile.txt")
-    timeout --signal=KILL "$limit" "${launch[@]}" benchmarks/train_step.py --workdir "$WORKDIR" \
+    timeout --signal=KILL "$LIMIT" "${launch[@]}" benchmarks/train_step.py --workdir "$WORKDIR" \
         --out "$JSONL" "${extra[@]}" "$@" >"$OUT/logs/$label-gpus$GPUS.log" 2>&1
-    local rc=$?
-    echo "    exit $rc after $(($(date +%s) - t0)) s"
-    if ((rc != 0)); then
-        FAILED+=("$label (exit $rc)")
-        tail -n 4 "$OUT/logs/$label-gpus$GPUS.log" | sed 's/^/    | /'
-    fi
+    finished "$label" $? "$t0" "$OUT/logs/$label-gpus$GPUS.log"
 }
 
 best_flags() {  # --channels-last when it beat the plain networks at XS batch 64 by more than 2%

@@ -8,15 +8,25 @@ DeepSpeed engines) on random weights and synthetic latents, and report img/s, MF
     python benchmarks/train_step.py --channels-last --compile   # speed switches (sida_edm2.model.speed)
     python benchmarks/train_step.py --no-weight-cache --no-weight-recompute    # "eager": the plain networks
     python benchmarks/train_step.py --profile results/xs64-profile.txt    # where the GPU time goes
+    python benchmarks/train_step.py --fused --fused-adam --channels-last  # the fused kernels (GPU)
+    python benchmarks/train_step.py --ceiling     # + the iteration's forward and backward passes alone
 
 One line of JSON per run goes to --out (appended), so a shell loop over configurations builds a table;
 `--table results.jsonl` prints such a file as markdown. The teacher is an export with random weights
 (gains set to 1 so that no layer computes zeros) written once to --workdir. Iterations run in the SiDA
 phase (both updates, adversarial terms on). FLOPs per image come from sida_edm2.plan.flops (counted once per
-preset on the meta device); MFU is against the H100 SXM dense bf16 peak. --profile runs two more
+preset on the meta device); MFU is against the dense bf16 peak of 989.4 TFLOP/s, the H100 SXM's and
+also the H200's (same GH100 compute; the H200 differs in memory). --profile runs two more
 iterations under the torch profiler after the timed ones and writes the GPU time by kernel category
 (sida_edm2-independent name matching: convolution/GEMM, attention, Triton, elementwise, reductions, ...)
-and the top kernels to a text file, next to a Chrome trace (.json.gz) of those iterations.
+and the top kernels to a text file, next to a Chrome trace (.json.gz) of those iterations; the JSON
+line then also holds the GPU busy share of the wall time and the kernels per iteration.
+
+--ceiling also times, after the loop (and after its peak memory was read), the same networks (same
+switches, the engines' own modules) doing only the iteration's forward and backward passes back to
+back: the iteration replica of sida_edm2.plan.flops (both updates, the same FLOPs), gradients taken with
+torch.autograd.grad (so no DeepSpeed hook, optimizer step, EMA, normalisation or loss bookkeeping
+runs). `loop_over_ceiling`, the loop's time over the ceiling's, is what the loop logic costs.
 """
 
 import collections
@@ -35,9 +45,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sida_edm2.io.network_files import save_export
+from sida_edm2.model import speed
 from sida_edm2.model.networks import Precond
 from sida_edm2.model.presets import get_preset
-from sida_edm2.plan.flops import H100_SXM_BF16_DENSE_PEAK, count_iteration_flops, mfu
+from sida_edm2.plan.flops import (
+    H100_SXM_BF16_DENSE_PEAK,
+    IterationNetworks,
+    count_iteration_flops,
+    fake_score_pass,
+    generator_pass,
+    mfu,
+)
 from sida_edm2.plan.memory import predict_peak_bytes
 from sida_edm2.train.config import resolve_config
 from sida_edm2.train.trainer import Trainer
@@ -104,16 +122,37 @@ def kernel_category(name: str) -> str:
     return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in lower for k in keys)), "other")
 
 
-def profile_iterations(trainer, iterations: int, path: Path | None) -> None:
-    """Run `iterations` loop iterations under the torch profiler; write the GPU time by kernel category,
-    the busy fraction of the wall time, and the 25 most expensive kernels to `path` (plus a trace;
-    nothing is written for None)."""
+def ceiling_iteration(trainer):
+    """One iteration's forward and backward passes only (see the module docstring), as a function."""
+    cfg = trainer.cfg
+    nets = IterationNetworks(
+        generator=trainer.engine_g.module,
+        fake_score=trainer.engine_f.module,
+        teacher=trainer.teacher,
+        cache_fake_score_weights=cfg.weight_cache,
+    )
+    trained = {
+        net: [p for p in net.parameters() if p.requires_grad] for net in (nets.generator, nets.fake_score)
+    }
+
+    def run() -> None:
+        torch.autograd.grad(fake_score_pass(nets, cfg.batch_gpu), trained[nets.fake_score])
+        torch.autograd.grad(generator_pass(nets, cfg.batch_gpu), trained[nets.generator])
+        speed.cache_effective_weights(nets.fake_score, False)  # the loop recomputes them every update
+
+    return run
+
+
+def profile_iterations(iteration, iterations: int, path: Path | None) -> dict:
+    """Run `iterations` calls of `iteration` under the torch profiler; write the GPU time by kernel
+    category, the busy fraction of the wall time, and the 25 most expensive kernels to `path` (plus a
+    trace; nothing is written for None). Returns the busy share and the kernels per iteration."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     sync()
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(iterations):
-            trainer.run_iteration()
+            iteration()
         sync()
     wall = time.perf_counter() - start
     kernels = collections.defaultdict(lambda: [0.0, 0])  # name -> [GPU microseconds, calls]
@@ -126,6 +165,9 @@ def profile_iterations(trainer, iterations: int, path: Path | None) -> None:
         by_category[kernel_category(name)][0] += us
         by_category[kernel_category(name)][1] += calls
     busy = sum(us for us, _ in kernels.values()) / 1e6
+    summary = dict(
+        gpu_busy=busy / wall, kernels_per_iteration=sum(calls for _, calls in kernels.values()) / iterations
+    )
     lines = [f"{iterations} iterations, wall {wall:.3f} s, GPU kernel time {busy:.3f} s "
              f"({100 * busy / wall:.0f}% of wall; the rest is the GPU waiting for the host)", "",
              "| category | GPU s | share | kernels |", "|---|---|---|---|"]  # fmt: skip
@@ -135,7 +177,7 @@ def profile_iterations(trainer, iterations: int, path: Path | None) -> None:
     for name, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"| {name[:110]} | {kernel_category(name)} | {us / 1e3:.1f} | {calls} |")
     if path is None:
-        return
+        return summary
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     trace = path.with_suffix(".trace.json")
@@ -144,20 +186,35 @@ def profile_iterations(trainer, iterations: int, path: Path | None) -> None:
         shutil.copyfileobj(src, dst)
     trace.unlink()
     print("\n".join(lines[:12]))
+    return summary
 
 
 def options_label(cfg) -> str:
     """The speed switches of a run, e.g. "cache+recompute+cl+compile"; "eager" when all are off."""
     names = [("cache", cfg.weight_cache), ("recompute", cfg.weight_recompute),
-             ("cl", cfg.channels_last), ("compile", cfg.compile)]  # fmt: skip
+             ("cl", cfg.channels_last), ("compile", cfg.compile), ("fused", cfg.fused),
+             ("fadam", cfg.fused_adam)]  # fmt: skip
     return "+".join(name for name, on in names if on) or "eager"
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
+def _ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _count(value: float | None) -> str:
+    return "" if value is None else f"{value:,.0f}"
 
 
 def print_table(path: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     head = (
-        "| preset | GPUs | batch/GPU | ZeRO | ckpt | options | img/s/GPU | s/kimg | TFLOP/s/GPU | MFU | "
-        "fake-score s | G s | peak alloc GiB | reserved GiB | predicted GiB |"
+        "| preset | GPUs | batch/GPU | ZeRO | ckpt | options | img/s/GPU | s/kimg | TFLOP/s/GPU | "
+        "MFU | loop/ceiling | GPU busy | kernels/it | fake-score s | G s | peak alloc GiB | reserved GiB | "
+        "predicted GiB |"
     )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -167,6 +224,8 @@ def print_table(path: str) -> None:
             f"| {r['preset']} | {r['gpus']} | {r['batch_gpu']} | {r['zero_stage']} | {ckpt} | "
             f"{r.get('options', 'cache+recompute')} | "
             f"{r['img_s_gpu']:.1f} | {r['s_per_kimg']:.2f} | {r['tflops_gpu']:.0f} | {100 * r['mfu']:.1f}% | "
+            f"{_ratio(r.get('loop_over_ceiling'))} | {_percent(r.get('gpu_busy'))} | "
+            f"{_count(r.get('kernels_per_iteration'))} | "
             f"{r['fake_score_s']:.3f} | {r['generator_s']:.3f} | "
             f"{r['peak_allocated_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['predicted_gib']:.1f} |"
         )
@@ -186,6 +245,9 @@ def print_table(path: str) -> None:
               help="Recompute normalised weights in backward, not kept [preset].")  # fmt: skip
 @click.option("--channels-last", is_flag=True, help="Channels-last activations in the UNets.")
 @click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile every UNet block.")
+@click.option("--fused/--no-fused", default=None, help="Fused Triton kernels for the MP chains [config].")
+@click.option("--fused-adam/--no-fused-adam", default=None, help="torch's fused Adam kernel [config].")
+@click.option("--ceiling", is_flag=True, help="Also time the iteration's forward+backward passes alone.")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed iterations first.")
 @click.option("--iters", type=int, default=5, show_default=True, help="Timed iterations.")
 @click.option("--workdir", default=None, help="Where the random teacher is written [a temp dir].")
@@ -204,6 +266,9 @@ def main(
     weight_recompute,
     channels_last,
     compile_blocks,
+    fused,
+    fused_adam,
+    ceiling,
     warmup,
     iters,
     workdir,
@@ -236,6 +301,8 @@ def main(
         weight_recompute=weight_recompute,
         channels_last=channels_last,
         compile=compile_blocks,
+        fused=fused,
+        fused_adam=fused_adam,
         fake_only_kimg=0.0,
         sid_only_kimg=0.0,
         max_kimg=1e9,
@@ -264,10 +331,19 @@ def main(
     for _ in range(iters):
         total += timed(trainer.run_iteration)
     seconds = total / iters
+    peak_allocated = torch.cuda.max_memory_allocated(device) / GIB if cuda else 0.0
+    peak_reserved = torch.cuda.max_memory_reserved(device) / GIB if cuda else 0.0
+    measured = {}
+    if ceiling:
+        passes = ceiling_iteration(trainer)
+        passes()  # its first call fills the allocator's new pool shapes
+        ceiling_s = sum(timed(passes) for _ in range(iters)) / iters
+        measured = dict(ceiling_s=ceiling_s, loop_over_ceiling=seconds / ceiling_s)
     if profile:  # every rank iterates (collectives); rank 0 writes
         for method in ("fake_score_update", "generator_update"):
             delattr(trainer, method)  # the profiler sees the plain loop, not the timing wrappers
-        profile_iterations(trainer, 2, Path(profile) if int(os.environ.get("RANK", "0")) == 0 else None)
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        measured.update(profile_iterations(trainer.run_iteration, 2, Path(profile) if rank0 else None))
     images = batch_gpu * rounds
     flops = count_iteration_flops(preset, method="sida").per_image
     img_s = images / seconds
@@ -280,6 +356,7 @@ def main(
         teacher_zero3,
         precision=precision,
         weight_recompute=cfg.weight_recompute,
+        fused=cfg.fused,
     )
     result = dict(
         preset=preset,
@@ -297,14 +374,15 @@ def main(
         iteration_s=seconds,
         tflops_gpu=flops * img_s / 1e12,
         mfu=mfu(flops * img_s, PEAK),
-        peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB if cuda else 0.0,
-        peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB if cuda else 0.0,
+        peak_allocated_gib=peak_allocated,
+        peak_reserved_gib=peak_reserved,
         predicted_gib=plan.total / GIB,
         predicted_terms={k: v / GIB for k, v in plan.terms().items()},
         flops_per_image=flops,
         warmup_s=warmup_s,
         compiled_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"],
         **split,
+        **measured,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))

@@ -40,15 +40,27 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
-def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
+def mp_cat(
+    a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5, fused: bool = False
+) -> torch.Tensor:
     """Concatenate along `dim` so that a contributes with weight (1-t) and b with weight t, whatever
-    their channel counts, and the result keeps unit magnitude."""
+    their channel counts, and the result keeps unit magnitude. `fused` (dim 1 of 4-D activations only)
+    writes both scaled halves straight into the result (sida_edm2.model.mp_fused)."""
     Na = a.shape[dim]
     Nb = b.shape[dim]
     C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t**2))
     wa = C / math.sqrt(Na) * (1 - t)
     wb = C / math.sqrt(Nb) * t
+    if fused and dim == 1 and a.ndim == 4:
+        return fused_kernels().mp_cat(a, b, wa, wb)
     return torch.cat([wa * a, wb * b], dim=dim)
+
+
+def fused_kernels():
+    """sida_edm2.model.mp_fused, imported on first use: it needs triton (the GPU image has it)."""
+    from sida_edm2.model import mp_fused
+
+    return mp_fused
 
 
 def resample(
@@ -99,12 +111,18 @@ class MPFourier(torch.nn.Module):
 
 
 def effective_weight(
-    weight: torch.Tensor, gain: float | torch.Tensor, dtype: torch.dtype, channels_last: bool = False
+    weight: torch.Tensor,
+    gain: float | torch.Tensor,
+    dtype: torch.dtype,
+    channels_last: bool = False,
+    fused: bool = False,
 ) -> torch.Tensor:
     """What an MPConv multiplies with: normalize(weight) * gain / sqrt(fan_in), computed in float32, then
     cast to `dtype` (and, for a conv kernel, laid out channels-last on request). A 0-d tensor gain is
     divided in its own dtype, as in EDM2; the product with the float32 weight stays float32 because a
-    0-d (or [1]-shaped) tensor does not promote it."""
+    0-d (or [1]-shaped) tensor does not promote it. `fused`: one Triton kernel (sida_edm2.model.mp_fused)."""
+    if fused:
+        return fused_kernels().effective_weight(weight, gain, dtype, channels_last)
     w = normalize(weight.to(torch.float32))
     w = w * (gain / math.sqrt(w[0].numel()))
     w = w.to(dtype)
@@ -145,21 +163,22 @@ class _RecomputedWeightMPConv(torch.autograd.Function):
     gradients equal those of the plain graph bit for bit."""
 
     @staticmethod
-    def forward(ctx, x, weight, gain, channels_last):
+    def forward(ctx, x, weight, gain, channels_last, fused):
         ctx.save_for_backward(x, weight, gain if isinstance(gain, torch.Tensor) else None)
         ctx.float_gain = None if isinstance(gain, torch.Tensor) else gain
         ctx.channels_last = channels_last
-        return _apply_weight(x, effective_weight(weight, gain, x.dtype, channels_last))
+        ctx.fused = fused
+        return _apply_weight(x, effective_weight(weight, gain, x.dtype, channels_last, fused))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, gain_tensor = ctx.saved_tensors
-        need_x, need_weight, need_gain, _ = ctx.needs_input_grad
+        need_x, need_weight, need_gain, _, _ = ctx.needs_input_grad
         need_w = need_weight or need_gain
         with torch.set_grad_enabled(need_w):
             weight_ = weight.detach().requires_grad_(need_weight)
             gain_ = ctx.float_gain if gain_tensor is None else gain_tensor.detach().requires_grad_(need_gain)
-            w = effective_weight(weight_, gain_, x.dtype, ctx.channels_last)
+            w = effective_weight(weight_, gain_, x.dtype, ctx.channels_last, ctx.fused)
         grad_x, grad_w = _apply_weight_backward(grad, x, w.detach(), need_x, need_w)
         grad_weight = grad_gain = None
         if need_w:
@@ -167,14 +186,14 @@ class _RecomputedWeightMPConv(torch.autograd.Function):
             grads = list(torch.autograd.grad(w, inputs, grad_w))
             grad_weight = grads.pop(0) if need_weight else None
             grad_gain = grads.pop(0) if need_gain else None
-        return grad_x, grad_weight, grad_gain, None
+        return grad_x, grad_weight, grad_gain, None, None
 
 
 class MPConv(torch.nn.Module):
     """Bias-free linear layer (kernel []) or 2-D convolution (kernel [k, k]) with weight normalisation.
 
     The effective weight is normalize(weight) * gain / sqrt(fan_in), computed in float32 and then cast to
-    the input dtype. The stored weight is never modified here (see sida_edm2.model.weight_norm). Three
+    the input dtype. The stored weight is never modified here (see sida_edm2.model.weight_norm). Four
     switches change how it is computed, never what (sida_edm2.model.speed sets them on a whole network):
     - `recompute_weight` (default on): the effective weight is recomputed in backward instead of being
       kept for it (see _RecomputedWeightMPConv). Off inside torch.compile, whose partitioner decides that.
@@ -183,6 +202,8 @@ class MPConv(torch.nn.Module):
       gain that bumps its version). Not under torch.compile, not for ZeRO-3 partitioned weights.
     - `weight_is_effective`: the stored weight already is the effective weight (the frozen teacher,
       baked once by sida_edm2.model.speed.bake_effective_weights_); the gain argument is then ignored.
+    - `fused`: the effective weight comes from one Triton kernel (sida_edm2.model.mp_fused), not ~6
+      eager ops.
     """
 
     recompute_weight: bool = True  # Class-wide default; instances override it.
@@ -199,6 +220,7 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self.cache_weight = False
         self.weight_is_effective = False
+        self.fused = False
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
 
     def invalidate_weight_cache(self) -> None:
@@ -213,6 +235,7 @@ class MPConv(torch.nn.Module):
         grad = torch.is_grad_enabled()
         weight_grad = grad and (self.weight.requires_grad or _requires_grad(gain))
         compiling = torch.compiler.is_compiling()
+        fused = self.fused and not compiling
         if self.cache_weight and not weight_grad and not compiling and not hasattr(self.weight, "ds_status"):
             return _apply_weight(x, self._cached_effective_weight(gain, x.dtype, channels_last))
         if (
@@ -222,8 +245,8 @@ class MPConv(torch.nn.Module):
             and not _autocast_enabled(x.device.type)  # autocast would not reach the backward
             and (self.weight.ndim == 4 or x.ndim == 2)
         ):
-            return _RecomputedWeightMPConv.apply(x, self.weight, gain, channels_last)
-        return _apply_weight(x, effective_weight(self.weight, gain, x.dtype, channels_last))
+            return _RecomputedWeightMPConv.apply(x, self.weight, gain, channels_last, fused)
+        return _apply_weight(x, effective_weight(self.weight, gain, x.dtype, channels_last, fused))
 
     def _cached_effective_weight(self, gain, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
         # Versions catch in-place updates made through autograd-visible ops (plain optimizers,
@@ -232,7 +255,8 @@ class MPConv(torch.nn.Module):
         key = (dtype, channels_last, self.weight.device, self.weight._version, gain_key)
         if self._weight_cache is None or self._weight_cache[0] != key:
             with torch.no_grad():
-                self._weight_cache = (key, effective_weight(self.weight, gain, dtype, channels_last))
+                w = effective_weight(self.weight, gain, dtype, channels_last, self.fused)
+                self._weight_cache = (key, w)
         return self._weight_cache[1]
 
 

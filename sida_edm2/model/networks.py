@@ -20,6 +20,7 @@ import torch
 from sida_edm2.model.mp_layers import (
     MPConv,
     MPFourier,
+    fused_kernels,
     is_channels_last,
     mp_cat,
     mp_silu,
@@ -68,6 +69,8 @@ class Block(torch.nn.Module):
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
+        # The magnitude-preserving chains as fused Triton kernels (sida_edm2.model.speed.set_fused).
+        self.fused = False
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, [3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, [])
@@ -77,6 +80,8 @@ class Block(torch.nn.Module):
         self.attn_proj = MPConv(out_channels, out_channels, [1, 1]) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.fused and not torch.compiler.is_compiling():
+            return self._forward_fused(x, emb)
         x = resample(x, f=self.resample_filter, mode=self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
@@ -99,6 +104,26 @@ class Block(torch.nn.Module):
         if self.clip_act is not None:
             x = x.clip_(-self.clip_act, self.clip_act)  # x is a fresh tensor here, never a block input
         return x
+
+    def _forward_fused(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """forward with each elementwise chain in one kernel of sida_edm2.model.mp_fused (same math)."""
+        fused = fused_kernels()
+        x = resample(x, f=self.resample_filter, mode=self.resample_mode)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = fused.pixel_norm(x)
+        y = self.conv_res0(fused.mp_silu(x))
+        y = fused.modulated_mp_silu(y, self.emb_linear(emb, gain=self.emb_gain))
+        if self.training and self.dropout != 0:
+            y = torch.nn.functional.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        if self.num_heads == 0:
+            return fused.mp_sum(x, y, t=self.res_balance, clip=self.clip_act)
+        x = fused.mp_sum(x, y, t=self.res_balance)
+        return fused.mp_sum(x, self._attention(x), t=self.attn_balance, clip=self.clip_act)
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         """Cosine attention. The qkv channels are interleaved per head as [heads, C_head, 3]: this is
@@ -146,6 +171,7 @@ class UNet(torch.nn.Module):
         self.label_balance = label_balance
         self.concat_balance = concat_balance
         self.out_gain = torch.nn.Parameter(torch.zeros([]))
+        self.fused = False  # fused skip concatenations (sida_edm2.model.speed.set_fused)
 
         self.emb_fourier = MPFourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, [])
@@ -208,6 +234,7 @@ class UNet(torch.nn.Module):
         if output not in OUTPUT_MODES:
             raise ValueError(f"output must be one of {OUTPUT_MODES}, got {output!r}")
         emb = self.embedding(noise_labels, class_labels)
+        fused = self.fused and not torch.compiler.is_compiling()
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for name, block in self.enc.items():
@@ -219,7 +246,7 @@ class UNet(torch.nn.Module):
 
         for name, block in self.dec.items():
             if "block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+                x = mp_cat(x, skips.pop(), t=self.concat_balance, fused=fused)
             x = block(x, emb)
         x = self.out_conv(x, gain=self.out_gain)
         return x if output == "denoised" else (x, disc)

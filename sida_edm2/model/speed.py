@@ -9,6 +9,7 @@ each below for where float rounding may differ).
     speed.cache_effective_weights(F, False)     # ... dropped (or invalidate_weight_cache(F) after F changed)
     net.channels_last = True                    # Precond attribute: channels-last activations in the UNet
     speed.compile_blocks(net)                   # torch.compile every UNet Block (and the embedding)
+    speed.set_fused(net, True)                  # elementwise chains as fused Triton kernels (GPU)
     speed.configure_network(net, checkpointed_blocks=True, channels_last=True, compile=True)  # training
 
 What each saves (an MPConv's effective weight is normalize(w) * gain / sqrt(fan_in), float32, cast to the
@@ -37,9 +38,15 @@ compute dtype; forced weight normalisation is separate, see sida_edm2.model.weig
   module wrapping are unaffected; ZeRO-3's per-module parameter hooks inside compiled blocks are
   untested. Inside compiled code the weight recomputation and the cache are off (Inductor fuses the
   weight path and its partitioner decides what backward keeps); baked weights stay in use.
+- Fused kernels (sida_edm2.model.mp_fused): each magnitude-preserving chain of a block (pixel norm, mp_silu,
+  modulation + mp_silu, mp_sum + clip), the skip concatenation and every effective weight run as one
+  Triton kernel with a hand-written backward instead of 3-8 eager kernels each way. Results equal the
+  eager ones to the compute dtype's rounding (the kernels round once, eager after every op). Needs
+  triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU, for tests); ignored inside compiled code.
 """
 
 import torch
+import torch._inductor.config as inductor_config
 
 from sida_edm2.model.mp_layers import MPConv, effective_weight
 from sida_edm2.model.networks import Block, UNet
@@ -120,14 +127,27 @@ def bake_effective_weights_(net: torch.nn.Module, dtype: torch.dtype | None = No
         conv.invalidate_weight_cache()
 
 
-def compile_blocks(net: torch.nn.Module, mode: str | None = None, embedding: bool = True) -> int:
+def compile_blocks(
+    net: torch.nn.Module, mode: str | None = None, embedding: bool = True, alignment_hints: bool = False
+) -> int:
     """torch.compile(dynamic=False, mode=mode) the forward of every UNet Block of net (whatever forward
     is set now, e.g. the activation-checkpointing wrapper) and, with `embedding`, each UNet's
     noise/label embedding. Returns the number of compiled blocks. See the module docstring for the
-    order with activation checkpointing and DeepSpeed."""
+    order with activation checkpointing and DeepSpeed.
+
+    alignment_hints=False (the default) switches Inductor's 16-byte divisibility hints off for the
+    whole process (torch._inductor.config.triton.divisible_by_16): Inductor compiles one graph per
+    block shape, takes parameters that were 16-byte aligned at compile time for always aligned (it
+    checks other inputs at run time, parameters never), and reuses the graph for blocks whose
+    parameters are not - DeepSpeed's packed flat buffers - which faults with "CUDA error: misaligned
+    address" (reproduced by benchmarks/block_variants.py; sida_edm2.train.engines.aligned_order also
+    keeps the weights aligned). Without the hints the compiled XS block ran in 2.2 ms against 4.9 ms
+    eager on an H200 (forward + backward, bf16, batch 64)."""
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * _RECOMPILE_LIMIT)
+    if not alignment_hints:
+        inductor_config.triton.divisible_by_16 = False
     count = 0
     for module in net.modules():
         if isinstance(module, Block):
@@ -138,6 +158,14 @@ def compile_blocks(net: torch.nn.Module, mode: str | None = None, embedding: boo
     return count
 
 
+def set_fused(net: torch.nn.Module, enabled: bool) -> None:
+    """Whether the Blocks, UNets and MPConvs of net run their elementwise chains and effective weights
+    as fused Triton kernels (sida_edm2.model.mp_fused) instead of eager ops."""
+    for module in net.modules():
+        if isinstance(module, (Block, UNet, MPConv)):
+            module.fused = enabled
+
+
 def configure_network(
     net: torch.nn.Module,
     *,
@@ -146,6 +174,7 @@ def configure_network(
     channels_last: bool = False,
     compile: bool = False,
     compile_mode: str | None = None,
+    fused: bool = False,
 ) -> None:
     """The training's switches for one Precond, applied after enable_activation_checkpointing(net) (if
     any). Inside checkpointed blocks the weight recomputation is switched off: the block recomputation
@@ -155,5 +184,6 @@ def configure_network(
         for block in (m for m in net.modules() if isinstance(m, Block)):
             set_weight_recompute(block, False)
     net.channels_last = channels_last
+    set_fused(net, fused)
     if compile:
         compile_blocks(net, mode=compile_mode)

@@ -184,7 +184,12 @@ class PassActivations:
 
 
 def _measure(
-    network: dict, dtype: torch.dtype, checkpointing: bool, weight_cache: bool, weight_recompute: bool
+    network: dict,
+    dtype: torch.dtype,
+    checkpointing: bool,
+    weight_cache: bool,
+    weight_recompute: bool,
+    fused: bool,
 ) -> dict[str, list[SavedTensorMeter]]:
     """Per update, one meter per _MEASURE_BATCHES entry, the networks set up as the training sets them
     up with or without activation checkpointing (the meters only attribute, nothing is recomputed)."""
@@ -193,6 +198,8 @@ def _measure(
     if not weight_recompute:
         for net in nets.modules():
             speed.set_weight_recompute(net, False)
+    for net in nets.modules():  # on the meta device the fused Functions save, but launch nothing
+        speed.set_fused(net, fused)
     if checkpointing:
         for block in (b for net in nets.modules() for b in net.modules() if isinstance(b, Block)):
             speed.set_weight_recompute(block, False)
@@ -211,12 +218,12 @@ def _measure(
 
 @functools.lru_cache(maxsize=32)
 def _measure_cached(
-    network_json: str, precision: str, weight_cache: bool, weight_recompute: bool
+    network_json: str, precision: str, weight_cache: bool, weight_recompute: bool, fused: bool
 ) -> dict[str, PassActivations]:
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16  # fp16 saves as many bytes as bf16
     network = json.loads(network_json)
-    plain = _measure(network, dtype, False, weight_cache, weight_recompute)
-    checkpointed = _measure(network, dtype, True, weight_cache, weight_recompute)
+    plain = _measure(network, dtype, False, weight_cache, weight_recompute, fused)
+    checkpointed = _measure(network, dtype, True, weight_cache, weight_recompute, fused)
     results = {}
     for name in PASSES:
         internals = [m.block_internals() for m in checkpointed[name]]
@@ -230,14 +237,19 @@ def _measure_cached(
 
 
 def measure_activations(
-    network: str | dict, precision: str = "bf16", weight_cache: bool = True, weight_recompute: bool = True
+    network: str | dict,
+    precision: str = "bf16",
+    weight_cache: bool = True,
+    weight_recompute: bool = True,
+    fused: bool = False,
 ) -> dict[str, PassActivations]:
     """Saved tensors of the fake-score and generator updates of a preset (or Precond kwargs), measured
     on the meta device (about two seconds per network size and precision, then cached). weight_cache:
     whether the frozen fake score's weights are cached in the generator update (the training does so
     unless the fake score is partitioned by ZeRO-3 or --no-weight-cache is given); weight_recompute:
-    whether MPConv weights are recomputed in backward (else their copies count as saved bytes)."""
+    whether MPConv weights are recomputed in backward (else their copies count as saved bytes);
+    fused: the networks' fused Triton kernels (sida_edm2.model.mp_fused; needs triton importable)."""
     if precision not in PRECISION_BYTES:
         raise ValueError(f"precision must be one of {list(PRECISION_BYTES)}, got {precision!r}")
     network_json = json.dumps(network_kwargs(network), sort_keys=True)
-    return _measure_cached(network_json, precision, weight_cache, weight_recompute)
+    return _measure_cached(network_json, precision, weight_cache, weight_recompute, fused)

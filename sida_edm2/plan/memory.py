@@ -133,6 +133,7 @@ def predict_peak_bytes(
     *,
     workspace_factor: float = WORKSPACE_FACTOR,
     weight_recompute: bool | None = None,  # None: the preset's setting (as the training uses it).
+    fused: bool = False,  # The fused Triton kernels (--fused): they save less for backward.
 ) -> MemoryPlan:
     """The predicted peak of torch.cuda.max_memory_allocated on the busiest GPU (rank 0) of a run."""
     # One function on purpose: the memory model reads top to bottom as its list of terms, which share
@@ -170,7 +171,7 @@ def predict_peak_bytes(
     # ZeRO-3 partitioned weights are never cached (sida_edm2.model.speed).
     if weight_recompute is None:
         weight_recompute = cfg.get("weight_recompute", True)
-    activations = measure_activations(network, precision, stage < 3, weight_recompute)
+    activations = measure_activations(network, precision, stage < 3, weight_recompute, fused)
     candidates = []
     for update, n in (("fake_score", n_f), ("generator", n_g)):
         gradients = lp * (n_g + n_f) / W if stage == 3 else lp * sharded(n, 2)

@@ -151,14 +151,40 @@ def scalar_params_to_1d_(module: torch.nn.Module) -> None:
             param.data = param.data.reshape(1)
 
 
+def aligned_order(params) -> list[torch.nn.Parameter]:
+    """The parameters with sizes that are multiples of 8 elements first, the others (the 1-element
+    gains) after them, each group in module order.
+
+    DeepSpeed ZeRO-1/2 packs the half-precision working copy of the parameters back to back, in the
+    optimizer's order, into one flat buffer and makes every parameter a view of it. In module order a
+    1-element gain comes first in every Block, so every later weight started 2 bytes off a 16-byte
+    boundary. Eager kernels cope; Inductor's (torch.compile) do not: it compiles one graph per block
+    shape against the first block's parameters, treats parameters as static inputs that need no
+    alignment check at run time, and reuses the graph for blocks whose weights are misaligned: "CUDA
+    error: misaligned address" (benchmarks/block_variants.py reproduces it). In this order every
+    weight starts 16-byte aligned."""
+    params = list(params)
+    return [p for p in params if p.numel() % 8 == 0] + [p for p in params if p.numel() % 8 != 0]
+
+
 def make_engine(
-    module: torch.nn.Module, ds_config: dict, *, lr: float, betas: tuple[float, float], eps: float
+    module: torch.nn.Module,
+    ds_config: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    fused_adam: bool = False,
 ):
-    """A DeepSpeed engine for one trainable network with a client torch.optim.Adam (not AdamW)."""
+    """A DeepSpeed engine for one trainable network with a client torch.optim.Adam (not AdamW);
+    `fused_adam`: torch's single-kernel Adam (the same update; under ZeRO-1/2 it steps DeepSpeed's
+    flat fp32 partitions in one kernel each instead of ~a dozen foreach passes)."""
     deepspeed = import_deepspeed()
     scalar_params_to_1d_(module)
     betas = (float(betas[0]), float(betas[1]))  # recent torch rejects the int 0 in (0, 0.999)
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=eps)
+    optimizer = torch.optim.Adam(
+        aligned_order(module.parameters()), lr=lr, betas=betas, eps=eps, fused=True if fused_adam else None
+    )
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(ds_config))
     return engine
 
@@ -167,7 +193,7 @@ def build_engines(
     G: torch.nn.Module | None,  # the generator (None for method "edm2")
     F: torch.nn.Module,  # the fake score (method "edm2": the denoiser it trains)
     ds_config: dict,  # build_ds_config's result
-    adam: dict,  # lr, betas, eps of both client Adams
+    adam: dict,  # lr, betas, eps, fused_adam of both client Adams
     *,
     force_norm: bool,  # forced weight normalisation of the masters after every step
     check_grads: bool,  # the loop skips non-finite steps itself (stage 0 in fp32)
@@ -245,8 +271,15 @@ def configure_network(net: torch.nn.Module, cfg) -> int:
     speed.configure_network(
         net, weight_recompute=cfg.weight_recompute, checkpointed_blocks=cfg.activation_checkpointing,
         channels_last=cfg.channels_last, compile=cfg.compile,
+        fused=cfg.fused and fused_kernels_available(),
     )  # fmt: skip
     return blocks
+
+
+def fused_kernels_available() -> bool:
+    """Whether --fused can take effect: its Triton kernels need a GPU (or Triton's interpreter, which
+    the tests use); without, the eager networks, their reference, run."""
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:

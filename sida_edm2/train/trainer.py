@@ -120,6 +120,8 @@ class Trainer:
         ema_device = torch.device("cpu") if cfg.zero_stage in (1, 2) else self.device
         self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
         compute_dtype = PRECISION_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
+        if cfg.fused and not engines.fused_kernels_available():
+            self.log.message("--fused: no GPU, the networks run eager")
         for net in trained:
             net.compute_dtype = compute_dtype
             blocks = engines.configure_network(net, cfg)
@@ -134,8 +136,9 @@ class Trainer:
             batch_gpu=cfg.batch_gpu, rounds=self.rounds, world_size=self.world_size, precision=self.precision,
         )  # fmt: skip
         # Stage 0 in fp32 runs the client Adam unwrapped: the loop itself skips non-finite steps there.
+        adam = dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused_adam=cfg.fused_adam)
         self.engine_g, self.engine_f, self.masters = engines.build_engines(
-            G, F, ds_config, dict(lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps),
+            G, F, ds_config, adam,
             force_norm=cfg.force_norm, check_grads=cfg.zero_stage == 0 and self.precision == "fp32",
         )  # fmt: skip
         self.teacher = None
