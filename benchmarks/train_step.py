@@ -58,6 +58,7 @@ from sida_edm2.plan.flops import (
 )
 from sida_edm2.plan.memory import predict_peak_bytes
 from sida_edm2.train.config import resolve_config
+from sida_edm2.train.engines import fused_kernels_available
 from sida_edm2.train.trainer import Trainer
 
 GIB = 2**30
@@ -129,6 +130,7 @@ def ceiling_iteration(trainer):
         generator=trainer.engine_g.module,
         fake_score=trainer.engine_f.module,
         teacher=trainer.teacher,
+        settings=cfg.to_dict(),  # the run's loss settings (sigma_init, tmax, alpha, lambdas)
         cache_fake_score_weights=cfg.weight_cache,
     )
     trained = {
@@ -356,7 +358,7 @@ def main(
         teacher_zero3,
         precision=precision,
         weight_recompute=cfg.weight_recompute,
-        fused=cfg.fused,
+        fused=cfg.fused and fused_kernels_available(),  # what the networks ran
     )
     result = dict(
         preset=preset,
