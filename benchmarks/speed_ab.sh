@@ -30,7 +30,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results directory}
 BASELINE=${BASELINE:-.baseline}
 PYTHON=${PYTHON:-python3}
-WORKDIR=${WORKDIR:-/tmp/sida-speed-ab}  # the random teachers (XXL: 6 GB): not under $OUT
+WORKDIR=${WORKDIR:-/tmp/sida-speed-ab}  # the random teachers (XXL: 6 GB), one folder per code version
 BUDGET_S=${BUDGET_S:-500}
 RUN_TIMEOUT_S=${RUN_TIMEOUT_S:-110}
 XXL_TIMEOUT_S=${XXL_TIMEOUT_S:-200}
@@ -65,7 +65,7 @@ run() {  # run LABEL TIMEOUT_S CODE(base|new) train_step.py-ARGS...
     t0=$(date +%s)
     rm -f "$OUT/runs/$label.jsonl"
     PYTHONPATH="$pythonpath${PYTHONPATH:+:$PYTHONPATH}" timeout --signal=KILL "$LIMIT" "$PYTHON" "$script" \
-        --workdir "$WORKDIR" --out "$OUT/runs/$label.jsonl" "$@" >"$OUT/logs/$label.log" 2>&1
+        --workdir "$WORKDIR/$code" --out "$OUT/runs/$label.jsonl" "$@" >"$OUT/logs/$label.log" 2>&1
     finished "$label" $? "$t0" "$OUT/logs/$label.log"
 }
 
