@@ -133,7 +133,11 @@ def _default(field: str):
     help="Recompute normalised weights in backward instead of keeping copies (saves memory, costs speed). "
     "[default: preset]",
 )
-@click.option("--channels-last", is_flag=True, help="Run the UNets on channels-last activations.")
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=_default("channels_last"),
+    help="Run the UNets on channels-last activations (on a GPU).",
+)
 @click.option("--compile", is_flag=True, help="torch.compile every UNet block (slow first iterations).")
 @click.option(
     "--fused/--no-fused",
@@ -141,7 +145,9 @@ def _default(field: str):
     help="Run the magnitude-preserving elementwise chains as fused Triton kernels (on a GPU; eager on CPU).",
 )
 @click.option(
-    "--fused-adam/--no-fused-adam", default=_default("fused_adam"), help="torch's fused Adam kernel."
+    "--fused-adam/--no-fused-adam",
+    default=_default("fused_adam"),
+    help="torch's fused Adam kernel (on a GPU).",
 )
 @click.option(
     "--keep-checkpoints", type=int, default=_default("keep_checkpoints"), help="Checkpoints kept on disk."

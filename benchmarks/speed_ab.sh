@@ -87,9 +87,9 @@ prof() { echo "--profile $OUT/logs/$1.profile.txt"; }
     run xs128-new "$RUN_TIMEOUT_S" new $XS --batch-gpu 128 $QUICK $NEW_FLAGS --ceiling $(prof xs128-new)
     run m32-base "$RUN_TIMEOUT_S" base $M --batch-gpu 32 $QUICK $(prof m32-base)
     run m32-new "$RUN_TIMEOUT_S" new $M --batch-gpu 32 $QUICK $NEW_FLAGS --ceiling $(prof m32-new)
-    run xs64-nocl "$RUN_TIMEOUT_S" new $XS --batch-gpu 64 $QUICK ${NEW_FLAGS//--channels-last/}
+    run xs64-nocl "$RUN_TIMEOUT_S" new $XS --batch-gpu 64 $QUICK ${NEW_FLAGS//--channels-last/--no-channels-last}
     run xs64-nofadam "$RUN_TIMEOUT_S" new $XS --batch-gpu 64 $QUICK $NEW_FLAGS --no-fused-adam
-    run xs64-off "$RUN_TIMEOUT_S" new $XS --batch-gpu 64 $QUICK --no-fused --no-fused-adam
+    run xs64-off "$RUN_TIMEOUT_S" new $XS --batch-gpu 64 $QUICK --no-fused --no-fused-adam --no-channels-last
     run xs64-compile "$COMPILE_TIMEOUT_S" new $XS --batch-gpu 64 $QUICK --compile --fused-adam --channels-last \
         $(prof xs64-compile)
 }

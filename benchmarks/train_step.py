@@ -245,7 +245,7 @@ def print_table(path: str) -> None:
               help="Baked teacher weights; cached fake-score weights in the generator update.")  # fmt: skip
 @click.option("--weight-recompute/--no-weight-recompute", default=None,
               help="Recompute normalised weights in backward, not kept [preset].")  # fmt: skip
-@click.option("--channels-last", is_flag=True, help="Channels-last activations in the UNets.")
+@click.option("--channels-last/--no-channels-last", default=None, help="Channels-last activations [config].")
 @click.option("--compile", "compile_blocks", is_flag=True, help="torch.compile every UNet block.")
 @click.option("--fused/--no-fused", default=None, help="Fused Triton kernels for the MP chains [config].")
 @click.option("--fused-adam/--no-fused-adam", default=None, help="torch's fused Adam kernel [config].")

@@ -92,10 +92,11 @@ class TrainConfig:
     # Speed switches (sida_edm2.model.speed); none changes the results beyond float rounding.
     weight_cache: bool = True  # Teacher weights baked; the frozen fake score's cached in the G update.
     weight_recompute: bool  # Recompute MPConv weights in backward instead of keeping copies.
-    channels_last: bool = False  # Run the UNets on channels-last activations.
+    # The three below won on an H200 together (benchmarks/RESULTS.md, issue 16); each acts on GPUs only.
+    channels_last: bool = True  # Run the UNets on channels-last activations.
     compile: bool = False  # torch.compile every UNet block of the three networks.
-    fused: bool = False  # MP elementwise chains as fused Triton kernels (GPU only; eager on CPU).
-    fused_adam: bool = False  # torch's fused (single-kernel) Adam over DeepSpeed's flat partitions.
+    fused: bool = True  # MP elementwise chains as fused Triton kernels (eager on CPU).
+    fused_adam: bool = True  # torch's fused (single-kernel) Adam over DeepSpeed's flat partitions.
     keep_checkpoints: int = 3  # Checkpoints kept on disk (the newest K).
     num_workers: int = 2  # Latent-reader worker processes per rank.
     vae: str | None = None  # SD-VAE (hub id or dir) to decode sample grids; None: show latent channels.

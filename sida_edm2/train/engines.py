@@ -177,14 +177,15 @@ def make_engine(
     fused_adam: bool = False,
 ):
     """A DeepSpeed engine for one trainable network with a client torch.optim.Adam (not AdamW);
-    `fused_adam`: torch's single-kernel Adam (the same update; under ZeRO-1/2 it steps DeepSpeed's
-    flat fp32 partitions in one kernel each instead of ~a dozen foreach passes)."""
+    `fused_adam`: on GPUs, torch's single-kernel Adam (the same update; under ZeRO-1/2 it steps
+    DeepSpeed's flat fp32 partitions in one kernel each instead of ~a dozen foreach passes)."""
     deepspeed = import_deepspeed()
     scalar_params_to_1d_(module)
     betas = (float(betas[0]), float(betas[1]))  # recent torch rejects the int 0 in (0, 0.999)
     optimizer = torch.optim.Adam(
-        aligned_order(module.parameters()), lr=lr, betas=betas, eps=eps, fused=True if fused_adam else None
-    )
+        aligned_order(module.parameters()), lr=lr, betas=betas, eps=eps,
+        fused=True if fused_adam and torch.cuda.is_available() else None,  # CPU runs keep the reference Adam
+    )  # fmt: skip
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=copy.deepcopy(ds_config))
     return engine
 
@@ -270,16 +271,16 @@ def configure_network(net: torch.nn.Module, cfg) -> int:
     blocks = enable_activation_checkpointing(net) if cfg.activation_checkpointing else 0
     speed.configure_network(
         net, weight_recompute=cfg.weight_recompute, checkpointed_blocks=cfg.activation_checkpointing,
-        channels_last=cfg.channels_last, compile=cfg.compile,
+        channels_last=cfg.channels_last and torch.cuda.is_available(), compile=cfg.compile,
         fused=cfg.fused and fused_kernels_available(),
     )  # fmt: skip
     return blocks
 
 
 def fused_kernels_available() -> bool:
-    """Whether --fused can take effect: its Triton kernels need a GPU (or Triton's interpreter, which
-    the tests use); without, the eager networks, their reference, run."""
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether --fused can take effect: its Triton kernels need a GPU; without one the eager networks,
+    their reference, run (tests/test_fused.py runs the kernels themselves in Triton's interpreter)."""
+    return torch.cuda.is_available()
 
 
 def enable_activation_checkpointing(net: torch.nn.Module) -> int:
