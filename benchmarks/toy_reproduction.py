@@ -328,8 +328,6 @@ def run_worker(out: Path, name: str, deadline: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C (the group's or the scheduler's): checkpoint, exit
         signal.signal(sig, lambda *_: STOP.set())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # --quick: one core per process, not every process on every core
     start = time.perf_counter()
     if name == "reference":
         complete = job_reference(settings, out, device, deadline)
@@ -423,7 +421,9 @@ def schedule(
                     "--deadline",
                     str(deadline),
                 ]
-                env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it happens
+                # Progress in the log as it happens; the cores shared out, not every process on every core.
+                threads = str(max(1, (os.cpu_count() or 1) // jobs))
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads}
                 running[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                 del todo[name]
                 click.echo(f"[{time.strftime('%H:%M:%S')}] started {name}")
