@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.toy_mixture import ISO_STD, MODE_WEIGHTS, MixtureDenoiser, MixtureScores, ToyMixture
-from benchmarks.toy_report import decide, iterations_to_reach
+from benchmarks.toy_report import SCORES, decide, iterations_to_reach
 from sida_edm2.sample.metrics import frechet_distance
 from sida_edm2.sample.sampling import heun_sampler
 
@@ -246,3 +246,34 @@ def test_trainer_takes_the_exact_denoiser_as_its_teacher(tmp_path):
     assert result["calls"] and all(
         shape[0][1:] == [4, 16, 16] and shape[2][1] == 10 for shape in result["calls"]
     )
+
+
+def test_report_from_a_partly_done_folder_and_a_settings_mismatch_refused(tmp_path):
+    """The report reads whatever --out holds (a student started but not scored yet, nothing finished),
+    and a second call with other settings is refused before any job starts."""
+    from click.testing import CliRunner
+
+    from benchmarks.toy_report import write_report
+    from benchmarks.toy_reproduction import main, settings_from
+
+    runner = CliRunner()
+    args = ["--out", str(tmp_path), "--quick", "--time-budget-s", "0"]  # no time: nothing starts
+    assert runner.invoke(main, args).exit_code == 0
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "runs" / "sid-s0").mkdir(parents=True)
+    (tmp_path / "runs" / "sid-s0" / "curve.jsonl").write_text("")
+    (tmp_path / "runs" / "sida-s0").mkdir()
+    point = {"iteration": 0, "kimg": 0.0, **dict.fromkeys(SCORES, 0.5)}
+    (tmp_path / "runs" / "sida-s0" / "curve.jsonl").write_text(json.dumps(point) + "\n")
+    table = write_report(tmp_path, settings)
+    assert "| SiDA (at iterations 0) | 1 | 0/1 |" in table and "- claim1: incomplete" in table
+    refused = runner.invoke(main, [*args, "--lr", "1e-3"])
+    assert refused.exit_code == 2 and "holds a run with other settings" in refused.output
+    assert settings_from({**settings_defaults(), "seeds": "0,1"}, quick=False)["seeds"] == [0, 1]
+
+
+def settings_defaults() -> dict:
+    """Every option of the command at its default (what click passes to settings_from)."""
+    from benchmarks.toy_reproduction import main
+
+    return {p.name: p.default for p in main.params if p.name not in ("out", "quick", "worker", "deadline")}
