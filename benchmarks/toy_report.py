@@ -119,6 +119,13 @@ def decide(record: dict) -> dict:
         slow = [d is not None and d < 1.5 * (math.inf if a is None else a) for a, d in pairs.values()]
         out["claim2"] = "confirmed" if all(fast) else refute if sum(slow) > len(seeds) / 2 else "inconclusive"
 
+    if _complete(record, "sida-psi"):  # the ablation: claim 1's and claim 2's numbers, no decision
+        ablation = _final(record, "sida-psi")
+        out["ablation_seeds_below"] = sum(p["cfd"] < T for p in ablation.values())
+        out["ablation_iterations_to_1.25T"] = {
+            str(s): iterations_to_reach(_curve(record, "sida-psi", s), REACH_FACTOR * T) for s in seeds
+        }
+
     out["claim3"] = "incomplete"
     if _complete(record, "sid2a") and _complete(record, "sid"):
         back = record["settings"]["sid2a_iters"]
@@ -190,7 +197,8 @@ def table_markdown(record: dict, decisions: dict) -> str:
     lines += ["", "Decisions (rules in toy_reproduction.py's docstring):"]
     for key in ("gate", "claim1", "claim2", "claim3"):
         lines.append(f"- {key}: {decisions.get(key)}")
-    for key in ("gate_level", "claim1_seeds_below", "claim2_iterations", "claim3_ratios"):
+    keys = ("gate_level", "claim1_seeds_below", "claim2_iterations", "claim3_ratios", "ablation_seeds_below")
+    for key in (*keys, "ablation_iterations_to_1.25T"):
         if key in decisions:
             lines.append(f"  - {key}: {json.dumps(decisions[key])}")
     return "\n".join(rows + lines)

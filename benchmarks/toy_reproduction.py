@@ -1,8 +1,8 @@
 """Can a one-step student beat its teacher, does SiDA get there faster than SiD, does SiD²A improve a SiD
 generator quickly? The paper's three claims, tested on a distribution whose denoiser is known exactly.
 
-    python benchmarks/toy_reproduction.py --out benchmarks/results/toy            # one H200, see below
-    python benchmarks/toy_reproduction.py --out /tmp/toy --quick                  # CPU smoke run, ~2 min
+    python benchmarks/toy_reproduction.py --out runs/toy --copy-to <dir> --time-budget-s 520   # one H200
+    python benchmarks/toy_reproduction.py --out /tmp/toy --quick         # CPU smoke run, 2-4 min on 2 cores
 
 Data: `benchmarks/toy_mixture.py` on 4x8x8 latents: 10 classes, each a mixture of 4 Gaussians (weights
 0.4/0.3/0.2/0.1) with smooth means and rank-4 smooth covariances in a 124-dimensional signal subspace,
@@ -31,7 +31,7 @@ Deviations, forced by the budget of two 10-minute device calls:
   - lr 3e-4 instead of 5e-5: a time compression. SiDA on XS passes its teacher after about 10 Mimg
     (~4,900 iterations); here each student has --iters (800) iterations, about 6x fewer.
   - 8x8 latents and the demo-sized network (1.8M parameters), fp32: one iteration of the demo network on
-    16x16 latents costs 4x more, which 13 concurrent students x 800 iterations could not afford.
+    16x16 latents costs 4x more, which 15 students x 800 (SiD²A 400) iterations could not afford.
   - SiD²A runs --sid2a-iters (400) iterations after SiD's 800 (1,200 in all for its generator).
 Every --eval-every iterations (and at 0 and at the end) the EMA generator makes --eval-samples one-step
 latents from fixed noise with balanced classes, scored by `MixtureScores` (toy_mixture.py): cfd

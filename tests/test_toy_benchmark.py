@@ -172,6 +172,8 @@ def test_decisions_follow_the_rules_fixed_before_the_run():
         _record({**passing, "sida": [8.0, 9.0, 9.5], "sid": [15.0, 14.0, 13.0]}, {"sida": [100, 120, 90]})
     )
     assert ok["gate"] == "passes" and ok["claim1"] == "confirmed" and ok["claim2"] == "confirmed"
+    ablation = decide(_record({**passing, "sida-psi": [8.0, 13.0, 9.0]}, {"sida-psi": [100, None, 200]}))
+    assert ablation["ablation_seeds_below"] == 2 and ablation["ablation_iterations_to_1.25T"]["1"] is None
     refuted = decide(
         _record({**passing, "sida": [11.0, 12.0, 9.0], "sid": [9.0, 9.0, 9.0]}, {"sid": [100] * 3})
     )
