@@ -1,6 +1,6 @@
 """A class-conditional latent distribution with known statistics, and the distances of a sampler to it.
 
-    mix = ToyMixture.create(num_classes=10, modes=4, shape=(4, 16, 16), seed=0, device="cuda")
+    mix = ToyMixture.create(num_classes=10, modes=4, shape=(4, 8, 8), seed=0, device="cuda")
     x, onehot = mix.sample(256, generator)            # fresh latents + one-hot labels
     scores = MixtureScores(mix, generator)             # exact per-class moments, data percentiles
     scores.score(samples, labels)                      # cfd, noise_var_ratio, precision, recall, ...
@@ -10,10 +10,11 @@ Class c (uniform over classes) is a mixture of `modes` Gaussians with unequal we
 component (c, k) is N(m_ck, U_ck U_ck^T + s^2 I): a smooth mean image m_ck, a rank-r factor U_ck of
 smooth images, and a small isotropic part s. Smooth means low spatial frequencies per channel, so the
 mixture looks like latents (structure, not white noise). The per-element variance is MEAN_STD^2 +
-RANK * FACTOR_STD^2 + ISO_STD^2 ~ 0.24, i.e. a standard deviation near EDM2's sigma_data 0.5. Mean and
-covariance of the whole mixture follow in closed form, so the Fréchet distance of a sampler is measured
-against the truth, not against another finite sample; its finite-sample floor is what the same number
-of true samples score.
+RANK * FACTOR_STD^2 + ISO_STD^2 ~ 0.24, i.e. a standard deviation near EDM2's sigma_data 0.5.
+Everything a sampler is compared with follows in closed form: the denoiser E[x0 | x_t, c] (so a perfect
+teacher exists), each class's moments in the signal subspace spanned by the means and factors (so the
+Fréchet distance is measured against the truth, not another finite sample) and each component's density
+there. The finite-sample floor of every score is what the same number of true samples get.
 """
 
 import dataclasses
@@ -114,22 +115,6 @@ class ToyMixture:
         gen = torch.Generator(self.device).manual_seed(seed)
         while True:
             yield self.sample(batch, gen)
-
-    # ------------------------------------------------------------------------------------------------
-    # Exact moments and the Fréchet distance.
-
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean [D] and covariance [D,D] of the whole mixture (classes uniform), exactly."""
-        p = (self.log_weights.exp() / self.num_classes).reshape(-1)  # [K_total]
-        mu = p @ self.means
-        # sum_k p_k U_k U_k^T = A A^T with A = [sqrt(p_k) U_k]_k  [D, K*r]
-        factor_part = (self.factors * p.sqrt().reshape(-1, 1, 1)).transpose(0, 1).reshape(self.dim, -1)
-        cov = factor_part @ factor_part.T + (self.means.T * p) @ self.means - torch.outer(mu, mu)
-        cov += ISO_STD**2 * torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
-        return mu, cov
-
-    def frechet_reference(self) -> "FrechetReference":
-        return FrechetReference(*self.moments())
 
     # ------------------------------------------------------------------------------------------------
     # The signal subspace: where the means and the low-rank factors live.
