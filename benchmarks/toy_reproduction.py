@@ -252,7 +252,7 @@ def job_teacher(settings: dict, out: Path, device: torch.device, deadline: float
         seed=1000,
         max_kimg=settings["teacher_kimg"],
     )
-    trainer = Trainer(cfg, data_iter=mix.batches(batch, seed=1000 + trainer_start(cfg.run_dir)))
+    trainer = Trainer(cfg, data_iter=fresh_batches(mix, batch, 1000, lambda: trainer))
     iters = round(settings["teacher_kimg"] * 1000 / batch)
     if not drive(trainer, iters, deadline, settings["checkpoint_every"]):
         return False
@@ -264,9 +264,11 @@ def job_teacher(settings: dict, out: Path, device: torch.device, deadline: float
     return True
 
 
-def trainer_start(run_dir: str) -> int:
-    """A resumed run's data stream starts anew: seeded by how many checkpoints the folder has seen."""
-    return len(list(Path(run_dir).glob("checkpoint-*"))) if Path(run_dir).is_dir() else 0
+def fresh_batches(mix: ToyMixture, batch: int, seed: int, trainer_of):
+    """Fresh mixture batches seeded by `seed` and the iteration the run starts at, so that a resumed run
+    does not replay its first batches. A generator's body runs at the first next(), i.e. inside the
+    first iteration, when `trainer_of()` (the Trainer being built) exists and has resumed."""
+    yield from mix.batches(batch, seed=seed + 1_000_003 * trainer_of().iteration)
 
 
 def job_student(settings: dict, out: Path, device: torch.device, deadline: float, name: str) -> bool:
@@ -290,7 +292,7 @@ def job_student(settings: dict, out: Path, device: torch.device, deadline: float
     cfg = run_config(settings, out, name, **overrides)
     exact = MixtureDenoiser(evaluator.mix) if variant == "sid-exact" else None
     mix = evaluator.mix
-    data = mix.batches(cfg.batch_gpu, seed=10_000 + 100 * seed + trainer_start(cfg.run_dir))
+    data = fresh_batches(mix, cfg.batch_gpu, 10_000 + 100 * seed, lambda: trainer)
     trainer = Trainer(cfg, data_iter=data, teacher=exact)
     curve_path = Path(cfg.run_dir) / "curve.jsonl"
     kept = []
@@ -399,7 +401,7 @@ def schedule(
                 del running[name]
                 state = {0: "done", PAUSED: "paused (checkpointed, resumes on the next call)"}
                 click.echo(f"[{time.strftime('%H:%M:%S')}] {name}: {state.get(rc, f'FAILED (exit {rc})')}")
-                if rc != 0:
+                if rc not in (0, PAUSED):
                     failed.append(name)
                 last_report = 0.0
             blocked = set(failed) | set(running)
