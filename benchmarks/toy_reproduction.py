@@ -25,8 +25,8 @@ Jobs (each a separate process, run concurrently up to --jobs; the GPU is shared)
 Settings (preset `toy`, i.e. XS's SiDA settings): batch 2048, Adam betas (0, 0.999), eps 1e-6,
 lambda_sid 100, lambda_adv_theta 0.01, lambda_adv_psi 100, alpha 1, sigma_init 2.5, tmax 0.8, EMA
 half-life 2 Mimg with ramp-up 0.05, forced normalisation; SiDA/SiD²A: fake-score-only while at most
-100,000 images were seen, SiD alone up to 200,000, then SiDA; SiD trains G from the first iteration (the
-release's rule; at batch 2048 no iteration starts exactly on a boundary, so '>' and '>=' agree).
+100,000 images were seen, SiD alone up to 200,000, then SiDA (strictly more, as the release); SiD
+trains G from the first iteration (the release's rule, `training_phase`).
 Deviations, forced by the budget of two 10-minute device calls:
   - lr 3e-4 instead of 5e-5: a time compression. SiDA on XS passes its teacher after about 10 Mimg
     (~4,900 iterations); here each student has --iters (800) iterations, about 6x fewer.
@@ -279,10 +279,8 @@ def job_student(settings: dict, out: Path, device: torch.device, deadline: float
     overrides = dict(method=method, batch=settings["batch"], lr=settings["lr"], seed=seed)
     teacher_file = out / "runs" / "teacher" / "export-latest.safetensors"
     overrides["teacher"] = str(teacher_file)
-    if method == "sid":  # G trains from the first iteration (the release's rule for SiD)
-        overrides.update(fake_only_kimg=0.0, sid_only_kimg=0.0)
-    else:
-        overrides.update(fake_only_kimg=settings["fake_only_kimg"], sid_only_kimg=settings["sid_only_kimg"])
+    # SiD ignores both (training_phase: G trains from the first iteration, as in the release).
+    overrides.update(fake_only_kimg=settings["fake_only_kimg"], sid_only_kimg=settings["sid_only_kimg"])
     if variant == "sida-psi":
         overrides["lambda_adv_psi"] = settings["lambda_adv_psi_scaled"]
     if variant == "sid2a":

@@ -120,7 +120,7 @@ PRESETS["demo"] = dict(
 # benchmarks/toy_reproduction.py: the demo network on 8x8 latents (levels 8, 4, 2; attention at the two
 # lowest, as XS has it at /4 and /8) with every SiDA setting of the img512 presets, batch 2048 included.
 PRESETS["toy"] = dict(
-    _SIDA_COMMON,
+    SIDA_SETTINGS,
     network=dict(PRESETS["demo"]["network"], img_resolution=8, attn_resolutions=[4, 2]),
     batch_gpu=2048, paper_num_gpus=1, paper_accum_rounds=1, dropout=0.0, weight_recompute=False,
 )
