@@ -345,8 +345,14 @@ def run_worker(out: Path, name: str, deadline: float) -> None:
 def settings_from(opts: dict, quick: bool) -> dict:
     if quick:
         opts.update(QUICK)
-    seeds = [int(s) for s in str(opts.pop("seeds")).split(",")]
+    seeds_text = str(opts.pop("seeds"))
+    try:
+        seeds = [int(s) for s in seeds_text.split(",")]
+    except ValueError:
+        raise click.UsageError(f"--seeds {seeds_text!r}: comma-separated integers, e.g. 0,1,2") from None
     asked = {v.strip() for v in opts.pop("variants").split(",")}
+    if asked - set(VARIANTS):
+        raise click.UsageError(f"--variants: unknown {sorted(asked - set(VARIANTS))}; choose from {VARIANTS}")
     variants = [v for v in VARIANTS if v in asked]
     if "sid2a" in variants and "sid" not in variants:
         raise click.UsageError("--variants: sid2a starts from the SiD generator, include sid")

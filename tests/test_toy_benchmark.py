@@ -279,6 +279,9 @@ def test_report_from_a_partly_done_folder_and_a_settings_mismatch_refused(tmp_pa
     assert "| SiDA (at iterations 0) | 1 | 0/1 |" in table and "- claim1: incomplete" in table
     refused = runner.invoke(main, [*args, "--lr", "1e-3"])
     assert refused.exit_code == 2 and "holds a run with other settings" in refused.output
+    for bad in (["--seeds", "a,b"], ["--variants", "sid,sidx"], ["--variants", "sid2a"]):
+        usage = runner.invoke(main, ["--out", str(tmp_path / "other"), *bad])
+        assert usage.exit_code == 2 and bad[0] in usage.output
     assert settings_from({**settings_defaults(), "seeds": "0,1"}, quick=False)["seeds"] == [0, 1]
 
 
