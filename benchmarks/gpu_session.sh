@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of benchmarks/RESULTS.md in one call on a host with four H100s (under 10 minutes):
-#   GPU 0:    the toy reproduction (benchmarks/toy_reproduction.py, issue 6)
+#   GPU 0:    the toy reproduction (benchmarks/toy_reproduction.py, issue 13; its own processes)
 #   GPU 1:    the runs $GPU1_RUNS, with kernel profiles
 #   GPU 2,3:  data-parallel runs on both ($PAIR_RUNS), then $GPU2_RUNS on GPU 2 and $GPU3_RUNS on GPU 3
 # Every lane is benchmarks/gpu_perf.sh (or the toy script) with its own labels; see there for them.
@@ -32,8 +32,8 @@ lane() {  # lane NAME VAR=VALUE...: gpu_perf.sh with that environment, in the ba
 }
 
 (
-    CUDA_VISIBLE_DEVICES=0 timeout --signal=INT "$TOY_TIMEOUT_S" \
-        python benchmarks/toy_reproduction.py --out "$W/toy" $TOY_FLAGS >"$W/toy.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0 python benchmarks/toy_reproduction.py --out "$W/toy" --time-budget-s "$TOY_TIMEOUT_S" \
+        $TOY_FLAGS >"$W/toy.log" 2>&1
     echo "toy_reproduction exit $? after $(($(date +%s) - START)) s" >>"$W/toy.log"
 ) &
 lane gpu1 CUDA_VISIBLE_DEVICES=1 OUT="$W/gpu1" PROFILE=1 COMPILE_TIMEOUT_S=420 ONLY="$GPU1_RUNS"
@@ -48,7 +48,7 @@ wait
 echo "all lanes done after $(($(date +%s) - START)) s"
 
 cat "$W"/gpu*/train_step.jsonl >"$OUT/train_step.jsonl" 2>/dev/null
-for f in results.json results.md fd_vs_kimg.png; do cp "$W/toy/$f" "$OUT/toy_$f" 2>/dev/null; done
+for f in results.json results.md curves.png; do cp "$W/toy/$f" "$OUT/toy_$f" 2>/dev/null; done
 for f in "$W"/gpu*/logs/*.profile.txt; do echo "== $(basename "$f")" && cat "$f"; done >"$OUT/profiles.txt" 2>/dev/null
 tar czf "$OUT/logs.tgz" --exclude='*.safetensors' --exclude='checkpoints' -C "$OUT" work
 rm -rf "$W"

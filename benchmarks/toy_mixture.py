@@ -1,19 +1,20 @@
 """A class-conditional latent distribution with known statistics, and the distances of a sampler to it.
 
-    mix = ToyMixture.create(num_classes=10, modes=4, shape=(4, 16, 16), seed=0, device="cuda")
+    mix = ToyMixture.create(num_classes=10, modes=4, shape=(4, 8, 8), seed=0, device="cuda")
     x, onehot = mix.sample(256, generator)            # fresh latents + one-hot labels
-    ref = mix.frechet_reference()                      # exact mixture moments, sqrt computed once
-    fd = ref.distance(samples)                         # Fréchet distance of a sample set to the truth
-    cov = mix.mode_coverage(samples, labels, ll_ref)   # per-class nearest-mode check
+    scores = MixtureScores(mix, generator)             # exact per-class moments, data percentiles
+    scores.score(samples, labels)                      # cfd, noise_var_ratio, precision, recall, ...
+    teacher = MixtureDenoiser(mix)                     # the exact denoiser: net(x, sigma, onehot)
 
 Class c (uniform over classes) is a mixture of `modes` Gaussians with unequal weights MODE_WEIGHTS;
 component (c, k) is N(m_ck, U_ck U_ck^T + s^2 I): a smooth mean image m_ck, a rank-r factor U_ck of
 smooth images, and a small isotropic part s. Smooth means low spatial frequencies per channel, so the
 mixture looks like latents (structure, not white noise). The per-element variance is MEAN_STD^2 +
-RANK * FACTOR_STD^2 + ISO_STD^2 ~ 0.24, i.e. a standard deviation near EDM2's sigma_data 0.5. Mean and
-covariance of the whole mixture follow in closed form, so the Fréchet distance of a sampler is measured
-against the truth, not against another finite sample; its finite-sample floor is what the same number
-of true samples score.
+RANK * FACTOR_STD^2 + ISO_STD^2 ~ 0.24, i.e. a standard deviation near EDM2's sigma_data 0.5.
+Everything a sampler is compared with follows in closed form: the denoiser E[x0 | x_t, c] (so a perfect
+teacher exists), each class's moments in the signal subspace spanned by the means and factors (so the
+Fréchet distance is measured against the truth, not another finite sample) and each component's density
+there. The finite-sample floor of every score is what the same number of true samples get.
 """
 
 import dataclasses
@@ -116,76 +117,158 @@ class ToyMixture:
             yield self.sample(batch, gen)
 
     # ------------------------------------------------------------------------------------------------
-    # Exact moments and the Fréchet distance.
+    # The signal subspace: where the means and the low-rank factors live.
 
-    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean [D] and covariance [D,D] of the whole mixture (classes uniform), exactly."""
-        p = (self.log_weights.exp() / self.num_classes).reshape(-1)  # [K_total]
-        mu = p @ self.means
-        # sum_k p_k U_k U_k^T = A A^T with A = [sqrt(p_k) U_k]_k  [D, K*r]
-        factor_part = (self.factors * p.sqrt().reshape(-1, 1, 1)).transpose(0, 1).reshape(self.dim, -1)
-        cov = factor_part @ factor_part.T + (self.means.T * p) @ self.means - torch.outer(mu, mu)
-        cov += ISO_STD**2 * torch.eye(self.dim, dtype=cov.dtype, device=cov.device)
-        return mu, cov
+    def signal_basis(self) -> torch.Tensor:
+        """Orthonormal basis Q [D, q] of the span of every mean and factor (q = 124 smooth directions for
+        4 channels with frequencies up to MAX_FREQ). Outside it every component is N(0, s^2) per
+        dimension, so a sampler's errors split into structure (inside) and noise level (outside)."""
+        vectors = torch.cat([self.means, self.factors.transpose(1, 2).reshape(-1, self.dim)])
+        u, svals, _ = torch.linalg.svd(vectors.T, full_matrices=False)
+        return u[:, svals > svals[0] * 1e-9]
 
-    def frechet_reference(self) -> "FrechetReference":
-        return FrechetReference(*self.moments())
+    def project(self, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(means [K, q], factors [K, q, r]) in the coordinates of `basis` (exact: both lie in its span)."""
+        return self.means @ basis, torch.einsum("kdr,dq->kqr", self.factors, basis)
 
-    # ------------------------------------------------------------------------------------------------
-    # Per-class nearest-mode check (non-Gaussian: it looks at which component each sample belongs to).
-
-    def component_log_likelihoods(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """log N(x; m_k, U_k U_k^T + s^2 I) for every component k: [n, K_total] float64, by Woodbury and
-        expanded squares (no [n, K, D] tensor)."""
-        s2 = ISO_STD**2
-        gram = self.factors.transpose(1, 2) @ self.factors  # [K, r, r]
-        inner = torch.eye(RANK, dtype=gram.dtype, device=gram.device) * s2 + gram
-        inner_inv = torch.linalg.inv(inner)
-        logdet = torch.logdet(inner) + (self.dim - RANK) * math.log(s2)  # det(s2 I_D + U U^T)
-        const = -0.5 * (self.dim * math.log(2 * math.pi) + logdet)  # [K]
-        mean_proj = torch.einsum("kd,kdr->kr", self.means, self.factors)  # U_k^T m_k
-        mean_sq = (self.means**2).sum(1)
+    def class_moments(self, basis: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Exact (mean [q], covariance [q, q]) of every class in the coordinates of `basis`."""
+        means, factors = self.project(basis)
+        eye = torch.eye(basis.shape[1], dtype=means.dtype, device=means.device)
         out = []
-        for part in x.reshape(x.shape[0], -1).to(self.means).split(chunk):
-            sq = (part**2).sum(1, keepdim=True) - 2 * part @ self.means.T + mean_sq  # |x - m_k|^2
-            proj = torch.einsum("nd,kdr->nkr", part, self.factors) - mean_proj  # U_k^T (x - m_k)
-            quad = (sq - torch.einsum("nkr,krq,nkq->nk", proj, inner_inv, proj)) / s2
-            out.append(const[None] - 0.5 * quad)
-        return torch.cat(out)
-
-    def mode_coverage(self, x: torch.Tensor, labels: torch.Tensor, reference_ll: float | None = None) -> dict:
-        """Per-class nearest-mode statistics of samples `x` generated for `labels`:
-        class_accuracy   fraction whose most likely component belongs to the requested class
-        mode_tv          mean over classes of the total variation between the frequencies of the nearest
-                         mode (within the requested class) and the true mode weights (0 = perfect)
-        modes_covered    fraction of (class, mode) pairs that get at least half their expected share
-        nll_gap          (given `reference_ll`, true samples' mean best-component log-likelihood) how
-                         many nats per dimension the samples' mean falls short of it (0 = as likely)."""
-        ll = self.component_log_likelihoods(x)
-        labels = labels.to(ll.device)
-        best = ll.argmax(1)
-        own = ll.reshape(-1, self.num_classes, self.modes)[torch.arange(len(labels)), labels]  # [n, modes]
-        nearest = own.argmax(1)
-        weights = self.log_weights.exp()
-        tv, covered = [], 0
         for c in range(self.num_classes):
-            pick = nearest[labels == c]
-            freq = torch.bincount(pick, minlength=self.modes).double() / max(len(pick), 1)
-            tv.append(0.5 * (freq - weights[c]).abs().sum().item())
-            covered += int((freq >= 0.5 * weights[c]).sum())
-        result = {
-            "class_accuracy": (best // self.modes == labels).double().mean().item(),
-            "mode_tv": float(np.mean(tv)),
-            "modes_covered": covered / (self.num_classes * self.modes),
-        }
-        if reference_ll is not None:
-            result["nll_gap"] = (reference_ll - ll.max(1).values.mean().item()) / self.dim
-        return result
+            w = self.log_weights[c].exp()
+            rows = slice(c * self.modes, (c + 1) * self.modes)
+            m, u = means[rows], factors[rows]
+            mu = w @ m
+            second = torch.einsum("k,kqr,kpr->qp", w, u, u) + (m.T * w) @ m + ISO_STD**2 * eye
+            out.append((mu, second - torch.outer(mu, mu)))
+        return out
 
-    def reference_log_likelihood(self, generator: torch.Generator, n: int = 10000) -> float:
-        """True samples' mean best-component log-likelihood (the reference of `nll_gap`)."""
-        x, _, _ = self.sample_with_modes(n, generator)
-        return self.component_log_likelihoods(x).max(1).values.mean().item()
+
+def lowrank_log_likelihoods(
+    x: torch.Tensor, means: torch.Tensor, factors: torch.Tensor, iso_var: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log N(x_i; m_k, U_k U_k^T + a_i I) for every sample i and component k, by Woodbury and expanded
+    squares (no [n, K, D] tensor). x [n, D]; means [K, D]; factors [K, D, r]; iso_var a: a float or
+    [n]. Returns (log-likelihoods [n, K], c [n, K, r] = (a I + U_k^T U_k)^-1 U_k^T (x_i - m_k)), the
+    second being what the posterior mean needs. Every operation is differentiable in x."""
+    n, dim = x.shape
+    rank = factors.shape[2]
+    a = torch.as_tensor(iso_var, dtype=x.dtype, device=x.device).reshape(-1, 1)  # [n or 1, 1]
+    gram = factors.transpose(1, 2) @ factors  # [K, r, r]
+    eye = torch.eye(rank, dtype=x.dtype, device=x.device)
+    inner = a[..., None, None] * eye + gram[None]  # [n or 1, K, r, r]: one inverse per noise level
+    proj = torch.einsum("nd,kdr->nkr", x, factors) - torch.einsum("kd,kdr->kr", means, factors)[None]
+    c = torch.einsum("nkrs,nks->nkr", torch.linalg.inv(inner).expand(n, -1, -1, -1), proj)  # [n, K, r]
+    sq = (x**2).sum(1, keepdim=True) - 2 * x @ means.T + (means**2).sum(1)[None]  # |x - m_k|^2
+    quad = (sq - (proj * c).sum(2)) / a
+    logdet = torch.logdet(inner) + (dim - rank) * torch.log(a)
+    return -0.5 * (dim * math.log(2 * math.pi) + logdet + quad), c
+
+
+class MixtureDenoiser(torch.nn.Module):
+    """The mixture's exact denoiser E[x0 | x0 + sigma n = x; class], a perfect teacher with the EDM2
+    Precond call signature net(x, sigma, onehot) -> [N, C, H, W], differentiable in x.
+
+    Per component k, x0 ~ N(m_k, S_k) with S_k = U_k U_k^T + s^2 I, so E[x0 | x, k] = x - sigma^2
+    (S_k + sigma^2 I)^-1 (x - m_k) = x - (sigma^2 / a) (d - U_k c_k) with a = s^2 + sigma^2, d = x - m_k,
+    c_k = (a I + U_k^T U_k)^-1 U_k^T d (Woodbury); the components of the requested class are weighted
+    by their posterior p(k | x) ~ pi_k N(x; m_k, S_k + sigma^2 I) (every class's when onehot is None).
+    Computed in float64 whatever the input; returns the input's dtype."""
+
+    def __init__(self, mixture: ToyMixture):
+        super().__init__()
+        self.register_buffer("means", mixture.means.clone())
+        self.register_buffer("factors", mixture.factors.clone())
+        log_prior = mixture.log_weights - math.log(mixture.num_classes)
+        self.register_buffer("log_prior", log_prior.reshape(-1).clone())
+        self.modes, self.shape = mixture.modes, mixture.shape
+        self.img_channels, self.img_resolution = mixture.shape[0], mixture.shape[1]
+        self.label_dim = mixture.num_classes
+
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        n = x.shape[0]
+        flat = x.reshape(n, -1).double()
+        sigma = torch.as_tensor(sigma, device=x.device).double().reshape(-1).expand(n)
+        a = ISO_STD**2 + sigma**2
+        ll, c = lowrank_log_likelihoods(flat, self.means, self.factors, a)
+        logits = ll + self.log_prior
+        if class_labels is not None:  # only the requested class's components
+            component_class = torch.arange(logits.shape[1], device=x.device) // self.modes
+            allowed = class_labels.to(x.device).argmax(1)[:, None] == component_class[None]
+            logits = logits.masked_fill(~allowed, -math.inf)
+        w = torch.softmax(logits, dim=1)  # [n, K]
+        mean_part = flat - w @ self.means
+        factor_part = torch.einsum("nkr,kdr->nd", w[..., None] * c, self.factors)
+        out = flat - (sigma**2 / a)[:, None] * (mean_part - factor_part)
+        return out.reshape(x.shape).to(x.dtype)
+
+
+class MixtureScores:
+    """What a sampler gets right about the mixture, from samples x generated for known labels:
+
+    cfd              class-conditional Fréchet distance in the signal subspace: per class, the FD of the
+                     samples' coordinates in `signal_basis` to that class's exact moments; mean over
+                     classes (a sampler that swaps classes scores as badly as one that ignores them)
+    noise_var_ratio  mean squared norm per dimension outside the signal subspace, over its true value
+                     s^2 (1 = right; > 1 too noisy; < 1 too smooth)
+    precision        share of samples whose in-class log density (signal subspace) is above the 1st
+                     percentile of true samples' of that class (true samples: 0.99)
+    recall           mode coverage: per class sum_k min(share of the class's samples that are precise
+                     and whose most likely mode is k, pi_k), mean over classes (1 = every mode at its
+                     weight; a class collapsed on its largest mode scores 0.4)
+    modes_covered    share of the (class, mode) pairs with at least half their expected share
+    Densities are those of the signal-subspace coordinates, so that the noise level (reported on its own)
+    does not drown the structure. `reference_n` true samples set the per-class percentiles."""
+
+    def __init__(self, mix: ToyMixture, generator: torch.Generator, reference_n: int = 20000):
+        self.mix = mix
+        self.basis = mix.signal_basis()
+        self.means, self.factors = mix.project(self.basis)
+        self.references = [FrechetReference(mu, cov) for mu, cov in mix.class_moments(self.basis)]
+        x, labels, _ = mix.sample_with_modes(reference_n, generator)
+        own = self._in_class(x, labels)
+        density = torch.logsumexp(own, dim=1)
+        self.thresholds = torch.stack(
+            [torch.quantile(density[labels == c], 0.01) for c in range(mix.num_classes)]
+        )
+
+    def _in_class(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log pi_k + log N(Q^T x; component k) for the requested class's modes: [n, modes]."""
+        coords = x.reshape(x.shape[0], -1).to(self.means) @ self.basis
+        ll, _ = lowrank_log_likelihoods(coords, self.means, self.factors, ISO_STD**2)
+        ll = ll + self.mix.log_weights.reshape(-1)
+        modes = self.mix.modes
+        rows = labels.to(ll.device)[:, None] * modes + torch.arange(modes, device=ll.device)
+        return ll.gather(1, rows)
+
+    def score(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
+        mix, labels = self.mix, labels.to(self.basis.device)
+        flat = x.reshape(x.shape[0], -1).to(self.basis)
+        coords = flat @ self.basis
+        outside = flat - coords @ self.basis.T
+        own = self._in_class(x, labels)
+        precise = torch.logsumexp(own, dim=1) >= self.thresholds[labels]
+        nearest = own.argmax(1)
+        weights = mix.log_weights.exp()
+        cfd, recall, covered = [], [], 0
+        for c in range(mix.num_classes):
+            mine = labels == c
+            cfd.append(self.references[c].distance(coords[mine]))
+            counts = torch.bincount(nearest[mine & precise], minlength=mix.modes).double()
+            share = counts / max(int(mine.sum()), 1)
+            recall.append(torch.minimum(share, weights[c]).sum().item())
+            covered += int((share >= 0.5 * weights[c]).sum())
+        return {
+            "cfd": float(np.mean(cfd)),
+            "noise_var_ratio": (outside**2).sum(1).mean().item()
+            / (mix.dim - self.basis.shape[1])
+            / ISO_STD**2,
+            "precision": precise.double().mean().item(),
+            "recall": float(np.mean(recall)),
+            "modes_covered": covered / (mix.num_classes * mix.modes),
+        }
 
 
 class FrechetReference:

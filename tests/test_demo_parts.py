@@ -1,5 +1,5 @@
-"""The demo's own pieces: the toy image generator, the tiny calibrated VAE, the benchmark's mixture and
-its report helpers. (The whole demo runs in tests/test_demo.py.)"""
+"""The demo's own pieces: the toy image generator and the tiny calibrated VAE. (The whole demo runs in
+tests/test_demo.py; the toy reproduction's pieces are tested in tests/test_toy_benchmark.py.)"""
 
 import copy
 
@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.toy_mixture import ISO_STD, MODE_WEIGHTS, ToyMixture
-from benchmarks.toy_report import kimg_to_reach
 from latent.scaling import RAW_MEAN, RAW_STD
 from latent.tiny_vae import (
     POSTERIOR_STD_RATIO,
@@ -21,7 +19,6 @@ from latent.tiny_vae import (
 from latent.vae import build_vae, encode_moments, load_vae
 from preprocess.sources import open_source
 from preprocess.toy_images import CLASSES, toy_image, write_toy_dataset
-from sida_edm2.sample.metrics import frechet_distance
 
 # Mean abs colour error (in [0, 1]) of the demo VAE's reconstructions: per image, and on the shapes.
 IMAGE_COLOUR_BOUND = 0.065  # measured 0.058 (0.060 with the former 100-step fit at 128 pixels)
@@ -122,50 +119,3 @@ def test_demo_vae_reproduces_the_colours_of_the_toy_images(tmp_path):
     shape_colour_error = ((recon - x) * shape).sum(dim=(2, 3)).abs() / area  # [N, 3]
     assert image_colour_error.mean() < IMAGE_COLOUR_BOUND, image_colour_error.mean(0)
     assert shape_colour_error.mean() < SHAPE_COLOUR_BOUND, shape_colour_error.mean(0)
-
-
-@pytest.fixture(scope="module")
-def mixture():
-    return ToyMixture.create(num_classes=3, modes=4, shape=(2, 8, 8), seed=0)
-
-
-def test_mixture_moments_are_exact(mixture):
-    x, _, comp = mixture.sample_with_modes(40000, torch.Generator().manual_seed(0))
-    mu, cov = mixture.moments()
-    flat = x.reshape(len(x), -1).double()
-    assert (flat.mean(0) - mu).abs().max() < 0.02
-    assert (torch.cov(flat.T) - cov).abs().max() < 0.02
-    weights = torch.bincount(comp % 4, minlength=4).double() / len(comp)
-    assert torch.allclose(weights, torch.tensor(MODE_WEIGHTS, dtype=torch.float64), atol=0.01)
-    assert cov.diagonal().min() > ISO_STD**2
-
-
-def test_frechet_reference_matches_the_metrics_formula(mixture):
-    x, _, _ = mixture.sample_with_modes(3000, torch.Generator().manual_seed(1))
-    ref = mixture.frechet_reference()
-    flat = x.reshape(len(x), -1).double().numpy()
-    expected = frechet_distance(flat.mean(0), np.cov(flat, rowvar=False), ref.mu.numpy(), ref.sigma.numpy())
-    assert ref.distance(x) == pytest.approx(expected, rel=1e-6, abs=1e-8)
-    assert ref.distance(x * 0.8) > 5 * ref.distance(x)
-
-
-def test_mode_coverage_sees_a_dropped_mode_and_wrong_classes(mixture):
-    gen = torch.Generator().manual_seed(2)
-    ll_ref = mixture.reference_log_likelihood(gen, 4000)
-    x, labels, comp = mixture.sample_with_modes(6000, gen)
-    true = mixture.mode_coverage(x, labels, ll_ref)
-    assert true["class_accuracy"] == 1.0 and true["modes_covered"] == 1.0
-    assert true["mode_tv"] < 0.05 and abs(true["nll_gap"]) < 0.01
-    keep = comp % 4 != 0  # drop every class's largest mode
-    dropped = mixture.mode_coverage(x[keep], labels[keep], ll_ref)
-    assert dropped["modes_covered"] == 0.75 and dropped["mode_tv"] > 0.3
-    wrong = mixture.mode_coverage(x, (labels + 1) % 3, ll_ref)
-    assert wrong["class_accuracy"] == 0.0
-    assert mixture.mode_coverage(x + 0.1, labels, ll_ref)["nll_gap"] > 0.5
-
-
-def test_kimg_to_reach_interpolates_the_crossing():
-    curve = [{"kimg": 0, "fd": 10.0}, {"kimg": 4, "fd": 6.0}, {"kimg": 8, "fd": 2.0}, {"kimg": 12, "fd": 3.0}]
-    assert kimg_to_reach(curve, 4.0) == pytest.approx(6.0)
-    assert kimg_to_reach(curve, 10.0) == 0
-    assert kimg_to_reach(curve, 1.0) is None

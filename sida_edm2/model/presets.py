@@ -1,5 +1,6 @@
 """Training presets as data: the six EDM2 img512 sizes with SiDA's settings (paper Table 7), plus `tiny`
-(unit tests, millisecond CPU forwards) and `demo` (the README demo, CPU-friendly).
+(unit tests, millisecond CPU forwards), `demo` (the README demo, CPU-friendly) and `toy` (the toy
+reproduction benchmark).
 
     from sida_edm2.model.presets import get_preset
     cfg = get_preset("edm2-img512-xs")
@@ -114,6 +115,14 @@ PRESETS["demo"] = dict(
     batch=32, batch_gpu=16, paper_num_gpus=1, paper_accum_rounds=2, dropout=0.0, lr=1e-4,
     weight_recompute=False,
     fake_only_kimg=0.32, sid_only_kimg=0.64,
+)
+
+# benchmarks/toy_reproduction.py: the demo network on 8x8 latents (levels 8, 4, 2; attention at the two
+# lowest, as XS has it at /4 and /8) with every SiDA setting of the img512 presets, batch 2048 included.
+PRESETS["toy"] = dict(
+    SIDA_SETTINGS,
+    network=dict(PRESETS["demo"]["network"], img_resolution=8, attn_resolutions=[4, 2]),
+    batch_gpu=2048, paper_num_gpus=1, paper_accum_rounds=1, dropout=0.0, weight_recompute=False,
 )
 
 

@@ -77,14 +77,19 @@ from sida_edm2.train.run_checkpoints import (
 class Trainer:
     """Builds the networks and engines, resumes from the run directory if it can, and runs iterations.
     `data_iter` replaces the latent reader with any iterator of (latents, one-hot) micro-batches of
-    batch_gpu samples (benchmarks); without it, real data is read from cfg.data per segment."""
+    batch_gpu samples (benchmarks); without it, real data is read from cfg.data per segment.
+    `teacher` replaces the frozen teacher in the losses by any module with the Precond call
+    net(x, sigma, onehot) (e.g. a known distribution's exact denoiser); cfg.teacher still gives the
+    architecture and the initial weights of G and the fake score."""
 
-    def __init__(self, cfg: TrainConfig, data_iter=None):
+    def __init__(self, cfg: TrainConfig, data_iter=None, teacher: torch.nn.Module | None = None):
         # Configuration and file errors surface before any process group or engine exists.
         check_inputs_exist(cfg)
         self.cfg = cfg
         self.rounds = cfg.accumulation_rounds(engines.world_size_from_env())
         nets = build_networks(cfg)
+        if teacher is not None:
+            nets.teacher = teacher
         self.manifest = nets.manifest
 
         self.env = engines.init_deepspeed_distributed()
