@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import click
+import torch
 
 from latent.vae import load_vae
 from sida_edm2.io.network_files import UNUSABLE_CHECKPOINT, load_network
@@ -66,6 +67,36 @@ def _formats(ctx, param, value):
     if unknown or not names:
         raise click.BadParameter(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))
+
+
+def _open_metrics(metrics: list[str], ref_path: str, inception, dinov2, device: torch.device) -> tuple:
+    """The reference statistics and the detectors of `metrics`, or a usage error naming what is wrong."""
+    try:
+        ref = fd.load_reference_stats(ref_path)
+    except (ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise click.BadParameter(
+            f"{ref_path}: not EDM2-style reference statistics ({err})", param_hint="'--ref'"
+        ) from None
+    missing = [m for m in metrics if m not in ref]
+    if missing:
+        raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
+    return ref, fd.load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
+
+
+def _open_network(network_path: Path, classes: list[int] | None, device: torch.device) -> torch.nn.Module:
+    """The generator (or teacher) of `network_path`, once it is known to have the requested classes."""
+    try:
+        net = load_network(network_path, device=device)
+    except UNUSABLE_CHECKPOINT as err:
+        raise click.ClickException(str(err)) from None
+    if classes is not None and not all(0 <= c < net.label_dim for c in classes):
+        raise click.BadParameter(
+            f"{network_path} has {net.label_dim} classes: use classes 0-{net.label_dim - 1}"
+            if net.label_dim
+            else f"{network_path} is unconditional: leave --classes out",
+            param_hint="'--classes'",
+        )
+    return net
 
 
 @click.command()
@@ -156,6 +187,7 @@ def _formats(ctx, param, value):
 @fd.inception_option
 @fd.dinov2_option
 @fd.workers_option
+# Long only by its 21 options, one per line: the body is the stage's steps in order (open, make, score, pack).
 def main(
     generator,
     teacher_steps,
@@ -190,18 +222,8 @@ def main(
         if precision == "auto"
         else PRECISION_DTYPES[precision]
     )
-    ref, detectors = None, {}
-    if metrics:  # fail on missing weights or statistics before spending GPU time
-        try:
-            ref = fd.load_reference_stats(ref_path)
-        except (ValueError, EOFError, pickle.UnpicklingError) as err:
-            raise click.BadParameter(
-                f"{ref_path}: not EDM2-style reference statistics ({err})", param_hint="'--ref'"
-            ) from None
-        missing = [m for m in metrics if m not in ref]
-        if missing:
-            raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
-        detectors = fd.load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
+    # Missing weights or statistics fail here, before any GPU time is spent.
+    ref, detectors = _open_metrics(metrics, ref_path, inception, dinov2, device) if metrics else (None, {})
 
     outdir = Path(outdir)
     try:  # before any image is made: an output folder that cannot be created fails now
@@ -218,17 +240,7 @@ def main(
             f"network {network_path}; {len(seeds)} seeds -> {outdir} ({', '.join(formats)}), "
             f"{world_size} process(es), {str(dtype).removeprefix('torch.')} on {device}"
         )
-    try:
-        net = load_network(network_path, device=device)
-    except UNUSABLE_CHECKPOINT as err:
-        raise click.ClickException(str(err)) from None
-    if classes is not None and not all(0 <= c < net.label_dim for c in classes):
-        raise click.BadParameter(
-            f"{network_path} has {net.label_dim} classes: use classes 0-{net.label_dim - 1}"
-            if net.label_dim
-            else f"{network_path} is unconditional: leave --classes out",
-            param_hint="'--classes'",
-        )
+    net = _open_network(network_path, classes, device)
     try:
         vae_model = load_vae(
             vae, device, PRECISION_DTYPES[vae_precision], channels_last=vae_channels_last, compile=compile_vae
@@ -265,15 +277,9 @@ def main(
             results = fd.compare_to_reference(stats, ref)
             for name, value in results.items():
                 click.echo(f"{name}: {value:.4f}")
-            record = {
-                **results,
-                "num_images": len(paths),
-                "ref": str(ref_path),
-                "generator": str(network_path),
-                "teacher_steps": teacher_steps,
-                "few_step_sigmas": sigmas,
-                "precision": str(dtype),
-            }
+            record = {**results, "num_images": len(paths), "ref": str(ref_path)}
+            record |= {"generator": str(network_path), "teacher_steps": teacher_steps}
+            record |= {"few_step_sigmas": sigmas, "precision": str(dtype)}
             (outdir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
     # The single-writer outputs come last, so no rank waits in a collective while rank 0 writes them.
     if rank == 0 and "npz" in formats:
