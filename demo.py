@@ -47,7 +47,7 @@ class DemoSettings:
 
 FULL = DemoSettings(
     per_class=50,
-    vae_fit_steps=200,
+    vae_fit_steps=400,
     teacher_kimg=10,
     teacher_lr=2e-2,
     student_kimg=1.6,
