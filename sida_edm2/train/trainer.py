@@ -126,7 +126,7 @@ class Trainer:
         self.ema = NetworkEMA(trained[0], ema_device) if self.rank == 0 else None
         compute_dtype = PRECISION_DTYPES[self.precision] if self.device.type == "cuda" else torch.float32
         if cfg.fused and not engines.fused_kernels_available():
-            self.log.message("--fused: no GPU, the networks run eager")
+            self.log.message("the fused kernels need a GPU: the networks run eager")
         for net in trained:
             net.compute_dtype = compute_dtype
             blocks = engines.configure_network(net, cfg)
