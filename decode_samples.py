@@ -39,7 +39,7 @@ from sida_edm2.sample.sample_files import (
 )
 from sida_edm2.sample.sampling import check_sigmas
 from sida_edm2.sample.seeds import parse_int_list
-from sida_edm2.sample.torchrun_env import barrier, join_torchrun
+from sida_edm2.sample.torchrun_env import barrier, join_torchrun, leave_process_group
 
 FORMATS = ("png", "npz", "grid")
 STAGING_DIR = ".png-staging"  # the PNG tree when png is not a requested format (removed at the end)
@@ -288,6 +288,7 @@ def main(
         click.echo(f"wrote {write_grid_from_pngs(outdir / GRID_NAME, tree, seeds[:grid_images])}")
     if rank == 0 and tree != outdir:
         shutil.rmtree(tree)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from latent.vae import DEFAULT_VAE
 from latent.verify import verify_dataset
 from preprocess.containers import SourceError
 from sida_edm2.cli_types import DeviceType
+from sida_edm2.sample.torchrun_env import leave_process_group
 
 
 @click.command()
@@ -136,6 +137,7 @@ def main(
             raise click.UsageError(str(exn)) from None
         except EncodeError as exn:
             raise click.ClickException(str(exn)) from None
+        leave_process_group()
         if manifest is None:  # not rank 0: the manifest and the verification are rank 0's
             return
         click.echo(

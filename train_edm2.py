@@ -187,6 +187,7 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
         click.echo(json.dumps(resolved, indent=1))
         return
     from latent.reader import UnreadableDataError
+    from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train.trainer import train
 
     try:
@@ -194,6 +195,7 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
     except (ConfigError, UnreadableDataError) as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
+    leave_process_group()
 
 
 if __name__ == "__main__":

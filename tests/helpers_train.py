@@ -298,6 +298,7 @@ def _parse(text: str):
 
 
 def main(argv: list[str]) -> None:
+    from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train.config import resolve_config
     from sida_edm2.train.trainer import Trainer
 
@@ -315,6 +316,7 @@ def main(argv: list[str]) -> None:
             torch.save(result, out)
         else:
             Path(out).write_text(json.dumps(result))
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def _backward(engine, rank: int, nan: bool = False) -> None:
 
 def scenario(out: str, stage: int, precision: str) -> None:
     from sida_edm2.model.networks import PRECISION_DTYPES
+    from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train import engines
     from sida_edm2.train.ds_master import master_state_dict, normalize_master_weights_, visit_master_weights
     from sida_edm2.train.ema import NetworkEMA
@@ -98,6 +99,7 @@ def scenario(out: str, stage: int, precision: str) -> None:
         }
         Path(out).write_text(json.dumps(report))
     normalize_master_weights_(reference)  # both engines stay in use until every rank is done
+    leave_process_group()
 
 
 @pytest.mark.slow

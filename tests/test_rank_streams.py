@@ -21,6 +21,7 @@ from tests.helpers_train import PRESET, make_dataset, make_teacher, run_distribu
 
 
 def scenario(out: str, teacher: str, data: str, run_dir: str) -> None:
+    from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train.config import resolve_config
     from sida_edm2.train.trainer import Trainer
 
@@ -37,6 +38,7 @@ def scenario(out: str, teacher: str, data: str, run_dir: str) -> None:
     torch.distributed.all_gather_object(everyone, drawn)
     if trainer.rank == 0:
         Path(out).write_text(json.dumps(everyone))
+    leave_process_group()
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ SCRIPT = textwrap.dedent(
     import torch
     torch.distributed.barrier()
     print("ok", env.rank, env.world_size, os.environ["MASTER_PORT"])
+    from sida_edm2.sample.torchrun_env import leave_process_group
+    leave_process_group()
     """
 )
 

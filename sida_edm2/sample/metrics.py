@@ -33,7 +33,7 @@ from sida_edm2.cli_types import DeviceType
 from sida_edm2.io.safe_unpickle import load_pickle
 from sida_edm2.sample import detectors as det
 from sida_edm2.sample.image_sources import image_batches
-from sida_edm2.sample.torchrun_env import join_torchrun
+from sida_edm2.sample.torchrun_env import join_torchrun, leave_process_group
 
 
 class FeatureStats:
@@ -280,6 +280,7 @@ def ref_command(source, metrics, inception, dinov2, vae_name, batch, max_images,
         save_reference_stats(dest, stats)
         counts = ", ".join(f"{n}: {s.count} images" for n, s in stats.items())
         click.echo(f"wrote {dest} ({counts})")
+    leave_process_group()
 
 
 @main.command("calc")
@@ -297,6 +298,7 @@ def calc_command(source, metrics, inception, dinov2, vae_name, batch, max_images
     if rank == 0:
         for name, value in compare_to_reference(stats, ref).items():
             click.echo(f"{name}: {value:.4f} ({stats[name].count} images)")
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Joining a torchrun launch from the sampling and metrics CLIs (one GPU per process).
+"""Joining and leaving a torchrun launch (one GPU per process).
 
 rank, world_size, device = join_torchrun()          # WORLD_SIZE > 1: nccl on GPUs, gloo on CPU
 ...
 barrier()                                               # no-op in a single process
+leave_process_group()                                   # every CLI's last step on success
 """
 
 import datetime
@@ -39,3 +40,13 @@ def barrier() -> None:
     """Wait for every rank (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group (if any) at the successful end of a run, which every rank reaches.
+
+    Without it a gloo process can abort at interpreter exit (its worker threads outlive Python) and
+    turn a finished run into a failed one. Not for error paths: with NCCL, a destroy while a peer still
+    waits in a collective hangs, and the launcher would never see the error."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
