@@ -194,6 +194,7 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
         train(cfg)
     except (ConfigError, UnreadableDataError) as err:
         click.echo(f"Error: {err}", err=True)
+        leave_process_group(failed=True)
         sys.exit(2)
     leave_process_group()
 

@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent(
     torch.distributed.barrier()
     print("ok", env.rank, env.world_size, os.environ["MASTER_PORT"])
     from sida_edm2.sample.torchrun_env import leave_process_group
-    leave_process_group()
+    leave_process_group(failed=True)  # one process: destroyed even after an error
+    assert not torch.distributed.is_initialized()
     """
 )
 

@@ -42,11 +42,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def leave_process_group() -> None:
-    """Destroy the process group (if any) at the successful end of a run, which every rank reaches.
+def leave_process_group(failed: bool = False) -> None:
+    """Destroy the process group (if any) at the end of a run; without it a gloo process can abort at
+    interpreter exit (its worker threads outlive Python) and turn a finished run into a failed one.
 
-    Without it a gloo process can abort at interpreter exit (its worker threads outlive Python) and
-    turn a finished run into a failed one. Not for error paths: with NCCL, a destroy while a peer still
-    waits in a collective hangs, and the launcher would never see the error."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    failed: the run stops on an error, perhaps on this rank alone. Then only a group whose destruction
+    cannot wait on a peer is destroyed (one process, or gloo, whose collectives this code always
+    completes before going on): with NCCL a destroy while a peer still waits in a collective hangs,
+    and the launcher would never see the error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if failed and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+        return
+    dist.destroy_process_group()
