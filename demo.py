@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -118,8 +119,7 @@ def pipeline(out: Path, s: DemoSettings, nproc: int, timings: dict) -> dict[str,
     p = {k: str(v) for k, v in paths.items()}
     images = flags(dest=p["images"], per_class=s.per_class, resolution=128)
     run([py, "-m", "preprocess.toy_images", *images], timings, "images")
-    fit = flags(fit_images=p["images"], fit_steps=s.vae_fit_steps) if s.vae_fit_steps else []
-    run([py, "-m", "latent.tiny_vae", *flags(dest=p["vae"]), *fit, *flags(resolution=128)], timings, "vae")
+    vae_stage(paths, s, timings)
     write_data_grids(paths["images"], paths["vae"], out, rows=s.grid_rows)
     encode = flags(source=p["images"], dest=p["latents"], vae=p["vae"], resolution=128, batch_size=50,
                    shard_size=100, workers=1, no_progress=True)  # fmt: skip
@@ -145,6 +145,28 @@ def pipeline(out: Path, s: DemoSettings, nproc: int, timings: dict) -> dict[str,
     teacher_grid = flags(generator=p["teacher"], teacher_steps=32, outdir=p["teacher_samples"])
     run([py, "decode_samples.py", *teacher_grid, *grid], timings, "decode_teacher")
     return paths
+
+
+def vae_stage(paths: dict[str, Path], s: DemoSettings, timings: dict) -> None:
+    """Make the tiny VAE (latent.tiny_vae keeps one made from the same images and settings). When it
+    makes a new one over an earlier run's outputs (another version's fit, other images), everything
+    encoded or trained with the old VAE is removed, so that the rerun redoes it instead of mixing
+    latents of one VAE with the decoder of another (encode_dataset.py would refuse the new VAE)."""
+    from latent.tiny_vae import SETTINGS_FILE
+
+    record = paths["vae"] / SETTINGS_FILE
+    before = record.read_bytes() if record.is_file() else None
+    fit = flags(fit_images=paths["images"], fit_steps=s.vae_fit_steps) if s.vae_fit_steps else []
+    argv = [sys.executable, "-m", "latent.tiny_vae", *flags(dest=paths["vae"]), *fit, *flags(resolution=128)]
+    run(argv, timings, "vae")
+    if record.read_bytes() == before:
+        return
+    stale = [paths[k] for k in ("latents", "teacher", "student", "samples", "teacher_samples")]
+    stale = [path for path in stale if path.exists()]
+    if stale:
+        click.echo(f"a new VAE: removing what the old one made ({', '.join(str(p) for p in stale)})")
+        for path in stale:
+            shutil.rmtree(path)
 
 
 def write_data_grids(images: Path, vae_dir: Path, out: Path, rows: int) -> None:

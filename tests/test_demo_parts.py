@@ -121,3 +121,25 @@ def test_demo_vae_reproduces_the_colours_of_the_toy_images(tmp_path):
     shape_colour_error = ((recon - x) * shape).sum(dim=(2, 3)).abs() / area  # [N, 3]
     assert image_colour_error.mean() < IMAGE_COLOUR_BOUND, image_colour_error.mean(0)
     assert shape_colour_error.mean() < SHAPE_COLOUR_BOUND, shape_colour_error.mean(0)
+
+
+def test_a_new_demo_vae_removes_what_the_old_one_made(tmp_path):
+    # A rerun over another version's demo-out (another fit, other images) must not mix latents encoded
+    # by the old VAE with the new one's decoder; a kept VAE keeps everything.
+    import dataclasses
+
+    from demo import QUICK, vae_stage
+
+    names = ("images", "vae", "latents", "teacher", "student", "samples", "teacher_samples")
+    paths = {name: tmp_path / name for name in names}
+    write_toy_dataset(paths["images"], per_class=1, resolution=128)
+    vae_stage(paths, QUICK, {})
+    made = [paths[name] / "made-with-this-vae" for name in ("latents", "teacher", "samples")]
+    for path in made:
+        path.parent.mkdir()
+        path.write_text("")
+    vae_stage(paths, QUICK, {})  # the same images and settings: kept
+    assert all(path.is_file() for path in made)
+    vae_stage(paths, dataclasses.replace(QUICK, vae_fit_steps=1), {})  # another fit: a new VAE
+    assert not any(path.parent.exists() for path in made)
+    assert (paths["vae"] / "tiny_vae.json").is_file() and (paths["images"]).is_dir()
