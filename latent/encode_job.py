@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from latent.dir_lock import DirectoryInUseError, lock_directory, unlock_directory
 from latent.encode_plan import (
     LOGS,
     EncodeError,
@@ -347,6 +348,11 @@ def run_encode(options: EncodeOptions) -> dict | None:
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: pick the fastest kernels
     vae = _load_checked_vae(options, device) if source.kind == "images" else None
     dest = prepare_dest(options.dest)
+    if rank == 0:
+        try:
+            lock_directory(dest, "encoding job")
+        except DirectoryInUseError as exn:
+            raise EncodeError(str(exn)) from None
     handler = _attach_log_file(dest, rank)
     try:
         items = spread_subset(source.items, options.limit)
@@ -361,6 +367,7 @@ def run_encode(options: EncodeOptions) -> dict | None:
             torch.distributed.barrier()
         return _write_manifest(dest, source, plan, options) if rank == 0 else None
     finally:
+        unlock_directory(dest)
         log.removeHandler(handler)
         handler.close()
 

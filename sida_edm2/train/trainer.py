@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from latent.dir_lock import lock_directory, unlock_directory
 from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
@@ -98,6 +99,7 @@ class Trainer:
         self.use_real_data = cfg.method != "sid"
         if self.rank == 0:
             Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            lock_directory(cfg.run_dir, "training run")  # before anything in it is removed or written
             remove_partial_files(cfg.run_dir)
         torch.distributed.barrier()
         self.log = RunLog(cfg.run_dir, self.rank)
@@ -423,6 +425,7 @@ class Trainer:
                 save_sample_grid(ema, grid, cfg.sigma_init, vae=vae, heun_steps=steps)
             maintenance += time.perf_counter() - t0
         self.log.close()
+        unlock_directory(cfg.run_dir)
 
 
 def train(cfg: TrainConfig, data_iter=None) -> Trainer:
