@@ -184,3 +184,18 @@ def test_metrics_cli_bad_device(tmp_path):
         ["ref", "--source", str(tmp_path), "--dest", str(tmp_path / "r.pkl"), "--device", "gpu0"],
     )
     _assert_one_line_error(result, "Invalid value for '--device': 'gpu0' is not a device", code=2)
+
+
+@pytest.mark.slow  # its own process: the error comes after the process group is made
+def test_train_run_dir_that_cannot_be_created(assets):
+    # Root passes every permission check: only the mkdir itself can tell (/proc takes no new folders).
+    import subprocess
+    import sys
+
+    from helpers_train import REPO, subprocess_env
+
+    flags = cli_args(assets["teacher"], "/proc/no-run-here", assets["data"])
+    args = [sys.executable, "train_edm2.py", *flags]
+    proc = subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "Error: --run-dir /proc/no-run-here " in proc.stderr

@@ -43,7 +43,7 @@ from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
 from sida_edm2.train.build_networks import build_networks
-from sida_edm2.train.config import TrainConfig, check_inputs_exist
+from sida_edm2.train.config import ConfigError, TrainConfig, check_inputs_exist
 from sida_edm2.train.data import LabelSampler, derived_seed, draw_step_noise, open_real_data, seed_everything
 from sida_edm2.train.ema import NetworkEMA, ema_beta
 from sida_edm2.train.log import RunLog, TickStats, tick_values
@@ -98,7 +98,10 @@ class Trainer:
         self.precision = cfg.resolved_precision(self.device.type == "cuda")
         self.use_real_data = cfg.method != "sid"
         if self.rank == 0:
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            try:  # check_inputs_exist only judged the permissions (root passes those everywhere)
+                Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"--run-dir {cfg.run_dir} cannot be created ({err.strerror})") from None
             lock_directory(cfg.run_dir, "training run")  # before anything in it is removed or written
             remove_partial_files(cfg.run_dir)
         torch.distributed.barrier()
