@@ -65,7 +65,8 @@ def _formats(ctx, param, value):
     names = [n.strip() for item in value for n in item.split(",") if n.strip()]
     unknown = sorted(set(names) - set(FORMATS))
     if unknown or not names:
-        raise click.BadParameter(f"unknown format(s) {unknown}; choose from {', '.join(FORMATS)}")
+        problem = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format given"
+        raise click.BadParameter(f"{problem}; choose from {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))
 
 

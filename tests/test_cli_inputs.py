@@ -117,6 +117,8 @@ def test_train_teacher_and_init_generator_that_cannot_be_used(assets, tmp_path, 
         ("--few-step-sigmas", "abc", "could not convert string to float"),
         ("--few-step-sigmas", "1.0,2.0", "few-step sigmas must decrease from 2.5 and stay > 0"),
         ("--few-step-sigmas", "nan", "few-step sigmas must decrease"),
+        ("--format", "pngx", "unknown format(s) pngx; choose from png, npz, grid"),
+        ("--format", ",", "no format given; choose from png, npz, grid"),
     ],
 )
 def test_decode_list_options_give_usage_errors(assets, tmp_path, option, value, message):
