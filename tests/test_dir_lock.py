@@ -37,6 +37,7 @@ def test_a_held_folder_is_refused_and_a_killed_holder_leaves_no_stale_lock(tmp_p
     lock_directory(tmp_path, "job")  # the kernel dropped the dead holder's lock
     lock_directory(tmp_path, "job")  # this process holds it: a no-op
     unlock_directory(tmp_path)
+    assert not (tmp_path / ".lock").exists()  # a finished job leaves nothing behind
     second = hold(tmp_path)  # released: another process can take it
     second.kill()
     second.wait()
