@@ -19,6 +19,7 @@ NAMES = {
     "sid2a": "SiD²A (from SiD)",
 }
 SCORES = ("cfd", "noise_var_ratio", "precision", "recall", "modes_covered")
+SCORES += ("structure_precision", "structure_recall")
 REACH_FACTOR = 1.25  # claim 2: iterations to 1.25x the teacher's cfd
 
 
@@ -147,7 +148,10 @@ def _curve(record: dict, variant: str, seed: int) -> list[dict]:
     return next(r["curve"] for r in record["runs"] if r["variant"] == variant and r["seed"] == seed)
 
 
-def _stat(values: list[float]) -> str:
+def _stat(values: list[float | None]) -> str:
+    """One value, or mean ± std over seeds; "-" for a score the run did not record (older versions)."""
+    if any(v is None for v in values):
+        return "-"
     arr = np.asarray(values, dtype=np.float64)
     if len(arr) == 1:
         return f"{arr[0]:.3f}"
@@ -165,7 +169,7 @@ def table_markdown(record: dict, decisions: dict) -> str:
 
     def single(name: str, evals: str, score: dict | None) -> None:
         if score is not None:
-            rows.append(f"| {name} | {evals} | | " + " | ".join(f"{score[k]:.3f}" for k in SCORES) + " |")
+            rows.append(f"| {name} | {evals} | | " + " | ".join(_stat([score.get(k)]) for k in SCORES) + " |")
 
     ref, teacher = record["reference"] or {}, record["teacher"] or {}
     n = record["settings"]["eval_samples"]
@@ -183,7 +187,7 @@ def table_markdown(record: dict, decisions: dict) -> str:
         where = "" if done == len(runs) else f" (at iterations {', '.join(map(str, at))})"
         rows.append(
             f"| {NAMES[variant]}{where} | 1 | {done}/{len(record['settings']['seeds'])} | "
-            + " | ".join(_stat([p[k] for p in last]) for k in SCORES)
+            + " | ".join(_stat([p.get(k) for p in last]) for k in SCORES)
             + " |"
         )
     lines = []
@@ -211,7 +215,8 @@ def plot_curves(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=110)
+    panels = ("cfd", "noise_var_ratio", "precision", "recall", "structure_precision", "structure_recall")
+    fig, axes = plt.subplots(2, 3, figsize=(18, 8), dpi=110)
     colours = dict(zip(NAMES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     offset = {"sid2a": record["settings"]["iters"]}  # SiD²A continues SiD: x counts G's iterations
     refs = []
@@ -222,17 +227,17 @@ def plot_curves(record: dict, path: Path) -> None:
         ]
     if record["teacher"]:
         refs.append(("teacher, Heun 63", record["teacher"]["heun_63"], "--"))
-    for ax, key in zip(axes.flat, ("cfd", "noise_var_ratio", "precision", "recall"), strict=True):
+    for ax, key in zip(axes.flat, panels, strict=True):
         labelled = set()
         for run in record["runs"]:
-            x = [p["iteration"] + offset.get(run["variant"], 0) for p in run["curve"]]
+            points = [p for p in run["curve"] if key in p]  # scores older versions did not record: none
+            x = [p["iteration"] + offset.get(run["variant"], 0) for p in points]
             label = NAMES[run["variant"]] if run["variant"] not in labelled else None
             labelled.add(run["variant"])
-            ax.plot(
-                x, [p[key] for p in run["curve"]], color=colours[run["variant"]], alpha=0.7, lw=1, label=label
-            )
+            ax.plot(x, [p[key] for p in points], color=colours[run["variant"]], alpha=0.7, lw=1, label=label)
         for name, score, style in refs:
-            ax.axhline(score[key], color="k", linestyle=style, lw=0.8, label=name)
+            if key in score:
+                ax.axhline(score[key], color="k", linestyle=style, lw=0.8, label=name)
         ax.set_title(key)
         ax.set_xlabel(f"generator iterations (batch {record['settings']['batch']})")
         if key in ("cfd", "noise_var_ratio"):

@@ -36,8 +36,10 @@ Deviations, forced by the budget of two 10-minute device calls:
 Every --eval-every iterations (and at 0 and at the end) the EMA generator makes --eval-samples one-step
 latents from fixed noise with balanced classes, scored by `MixtureScores` (toy_mixture.py): cfd
 (class-conditional Fréchet distance in the signal subspace; the primary score), noise_var_ratio,
-precision, recall, modes_covered. The same scores are reported for the data floor, the exact-score
-sampler and the teacher (63 evaluations).
+precision, recall, modes_covered (densities: a few times the true noise variance zeroes them), and
+structure_precision / structure_recall (k-NN, at the scale of the modes: they still see whether samples
+sit on and cover the modes when the noise level is off). The same scores are reported for the data
+floor, the exact-score sampler and the teacher (63 evaluations).
 
 Decision rules, fixed before the run (T, E: the teacher's and the exact-score sampler's cfd; a student's
 score is its cfd at its last evaluation; "every seed" means every seed asked for, all finished):

@@ -128,17 +128,24 @@ def test_scores_see_swapped_classes_dropped_modes_collapse_and_noise(mixture, sc
     x, labels, comp = mixture.sample_with_modes(6000, torch.Generator().manual_seed(2))
     true = scores.score(x, labels)
     assert true["precision"] > 0.97 and true["recall"] > 0.95 and true["modes_covered"] == 1.0
+    assert true["structure_precision"] > 0.9 and true["structure_recall"] > 0.9  # k-NN: ~0.95 at best
     assert abs(true["noise_var_ratio"] - 1) < 0.02
     swapped = scores.score(x, (labels + 1) % 3)
     assert swapped["cfd"] > 20 * true["cfd"] and swapped["precision"] < 0.01 and swapped["recall"] < 0.01
+    assert swapped["structure_precision"] < 0.01 and swapped["structure_recall"] < 0.01
     keep = comp % 4 != 3  # drop every class's smallest mode (weight 0.1)
     dropped = scores.score(x[keep], labels[keep])
     assert dropped["modes_covered"] == 0.75 and dropped["recall"] < true["recall"] - 0.05  # 0.9 at most
     assert dropped["precision"] > 0.97  # what is there is right
+    assert dropped["structure_recall"] < true["structure_recall"] - 0.05
+    assert dropped["structure_precision"] > true["structure_precision"] - 0.02
     collapsed = scores.score(mixture.means[labels * 4].float().reshape(x.shape) + ISO_STD * 0, labels)
     assert collapsed["recall"] < 0.45 and collapsed["noise_var_ratio"] < 0.01
+    assert collapsed["structure_recall"] < 0.05  # one point per class covers nothing around it
     noisy = scores.score(x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9)), labels)
     assert noisy["noise_var_ratio"] > 4 and noisy["precision"] < 0.1
+    # The density scores drown in five times the true noise variance; the structure scores do not.
+    assert noisy["structure_precision"] > 0.85 and noisy["structure_recall"] > 0.9
 
 
 def test_iterations_to_reach_interpolates_the_crossing():
