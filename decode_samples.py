@@ -17,7 +17,6 @@ seed (and class), not on --batch or the number of processes.
 """
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -68,20 +67,6 @@ def _formats(ctx, param, value):
         problem = f"unknown format(s) {', '.join(unknown)}" if unknown else "no format given"
         raise click.BadParameter(f"{problem}; choose from {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))
-
-
-def _open_metrics(metrics: list[str], ref_path: str, inception, dinov2, device: torch.device) -> tuple:
-    """The reference statistics and the detectors of `metrics`, or a usage error naming what is wrong."""
-    try:
-        ref = fd.load_reference_stats(ref_path)
-    except (ValueError, EOFError, pickle.UnpicklingError) as err:
-        raise click.BadParameter(
-            f"{ref_path}: not EDM2-style reference statistics ({err})", param_hint="'--ref'"
-        ) from None
-    missing = [m for m in metrics if m not in ref]
-    if missing:
-        raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
-    return ref, fd.load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
 
 
 def _open_network(network_path: Path, classes: list[int] | None, device: torch.device) -> torch.nn.Module:
@@ -224,7 +209,7 @@ def main(
         else PRECISION_DTYPES[precision]
     )
     # Missing weights or statistics fail here, before any GPU time is spent.
-    ref, detectors = _open_metrics(metrics, ref_path, inception, dinov2, device) if metrics else (None, {})
+    ref, detectors = fd.open_metrics(metrics, ref_path, inception, dinov2, device) if metrics else (None, {})
 
     outdir = Path(outdir)
     try:  # before any image is made: an output folder that cannot be created fails now

@@ -188,6 +188,28 @@ def test_metrics_cli_bad_device(tmp_path):
     _assert_one_line_error(result, "Invalid value for '--device': 'gpu0' is not a device", code=2)
 
 
+def test_metrics_cli_bad_source_ref_dest_and_missing_weights(tmp_path):
+    # Each is found before any image is read; none ends in a traceback or click's bare "Aborted!".
+    images = tmp_path / "images"
+    images.mkdir()
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    stats = tmp_path / "fid-only.pkl"
+    stats.write_bytes(pickle.dumps({"fid": {"mu": np.zeros(2), "sigma": np.eye(2)}}))
+    nowhere = tmp_path / "no-inception.pt"
+    cases = [
+        (["ref", "--source", tmp_path / "nope", "--dest", tmp_path / "r.pkl"], "'--source': ", 2),
+        (["ref", "--source", images, "--dest", tmp_path / "no" / "r.pkl"], "'--dest': cannot write in", 2),
+        (["calc", "--source", images, "--ref", empty], "not EDM2-style reference statistics", 2),
+        (["calc", "--source", images, "--ref", stats, "--metrics", "fd_dinov2"], "has no statistics for", 2),
+        (["calc", "--source", images, "--ref", stats, "--metrics", "fid", "--inception", nowhere], "FID", 1),
+    ]
+    for args, message, code in cases:
+        result = CliRunner().invoke(metrics_main, [str(a) for a in args])
+        _assert_one_line_error(result, message, code=code)
+    assert not (tmp_path / "r.pkl").exists()
+
+
 @pytest.mark.slow  # its own process: the error comes after the process group is made
 def test_train_run_dir_that_cannot_be_created(assets):
     # Root passes every permission check: only the mkdir itself can tell (/proc takes no new folders).

@@ -226,7 +226,8 @@ def test_metrics_from_the_cli(assets, tmp_path):
             str(tmp_path / "no.pt"),
         ],
     )
-    assert missing.exit_code != 0 and "inception-2015-12-05.pt" in str(missing.exception)
+    assert missing.exit_code == 1 and "Error: FID needs the Inception-v3 TorchScript file" in missing.output
+    assert "inception-2015-12-05.pt" in missing.output and isinstance(missing.exception, SystemExit)
 
 
 @pytest.mark.slow

@@ -186,16 +186,42 @@ def load_detectors(
 # Command line (python -m sida_edm2.metrics ...)
 
 
-def _source_stats(source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device):
+def open_metrics(metrics: list[str], ref_path: str | None, inception, dinov2, device: torch.device) -> tuple:
+    """(reference statistics or None, detectors) for a command line: a file that is not statistics, a
+    metric the statistics lack or missing detector weights become one-line click errors."""
+    ref = None
+    if ref_path is not None:
+        try:
+            ref = load_reference_stats(ref_path)
+        except (ValueError, EOFError, pickle.UnpicklingError) as err:
+            raise click.BadParameter(
+                f"{ref_path}: not EDM2-style reference statistics ({err})", param_hint="'--ref'"
+            ) from None
+        missing = [m for m in metrics if m not in ref]
+        if missing:
+            raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
+    try:
+        detectors = load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
+    except det.MissingWeightsError as err:
+        raise click.ClickException(str(err)) from None
+    return ref, detectors
+
+
+def _source_stats(
+    source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device, ref_path=None
+):
+    """(rank, statistics of this source summed over ranks, the reference statistics of ref_path or None)."""
+    if not Path(source).exists():  # before any weights are loaded
+        raise click.BadParameter(f"{source} does not exist", param_hint="'--source'")
     rank, world_size, device = join_torchrun(device)
-    detectors = load_detectors(metrics, inception=inception, dinov2=dinov2, device=device)
+    ref, detectors = open_metrics(metrics, ref_path, inception, dinov2, device)
     vae = None
     if Path(source).is_dir() and (Path(source) / MANIFEST).is_file():
         vae = load_vae(vae_name, device, torch.float32)
     batches = image_batches(
         source, batch, rank=rank, world_size=world_size, num_workers=workers, vae=vae, max_images=max_images
     )
-    return rank, accumulate_stats(detectors, batches, device, progress=rank == 0)
+    return rank, accumulate_stats(detectors, batches, device, progress=rank == 0), ref
 
 
 def _metric_list(ctx, param, value: str) -> list[str]:
@@ -273,7 +299,14 @@ def main():
 @click.option("--dest", required=True, type=click.Path(dir_okay=False), help="Output statistics .pkl.")
 def ref_command(source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device, dest):
     """Write reference statistics of SOURCE in EDM2's .pkl layout."""
-    rank, stats = _source_stats(
+    probe = Path(dest).resolve().with_name(f".{Path(dest).name}.probe-{os.getpid()}")
+    try:  # before the images are read, not after (root passes every permission check: write a file)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        problem = f"cannot write in {probe.parent} ({err.strerror})"
+        raise click.BadParameter(problem, param_hint="'--dest'") from None
+    rank, stats, _ = _source_stats(
         source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device
     )
     if rank == 0:
@@ -288,12 +321,8 @@ def ref_command(source, metrics, inception, dinov2, vae_name, batch, max_images,
 @ref_option(required=True)
 def calc_command(source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device, ref_path):
     """Fréchet distances between SOURCE and the reference statistics."""
-    ref = load_reference_stats(ref_path)
-    missing = [m for m in metrics if m not in ref]
-    if missing:
-        raise click.UsageError(f"{ref_path} has no statistics for {', '.join(missing)}")
-    rank, stats = _source_stats(
-        source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device
+    rank, stats, ref = _source_stats(
+        source, metrics, inception, dinov2, vae_name, batch, max_images, workers, device, ref_path
     )
     if rank == 0:
         for name, value in compare_to_reference(stats, ref).items():
