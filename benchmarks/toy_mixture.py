@@ -240,13 +240,13 @@ class MixtureScores:
         self.means, self.factors = mix.project(self.basis)
         self.references = [FrechetReference(mu, cov) for mu, cov in mix.class_moments(self.basis)]
         x, labels, _ = mix.sample_with_modes(reference_n, generator)
-        own = self._in_class(x, labels)
+        coords = x.reshape(x.shape[0], -1).to(self.basis) @ self.basis
+        own = self._in_class(coords, labels)
         density = torch.logsumexp(own, dim=1)
         self.thresholds = torch.stack(
             [torch.quantile(density[labels == c], 0.01) for c in range(mix.num_classes)]
         )
         self.structure = [self._structure_basis(c) for c in range(mix.num_classes)]
-        coords = x.reshape(x.shape[0], -1).to(self.means) @ self.basis
         self.structure_refs = [self._structure_coords(coords[labels == c], c) for c in range(mix.num_classes)]
 
     def _structure_basis(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,9 +269,9 @@ class MixtureScores:
         radii = torch.cdist(manifold, manifold).kthvalue(KNN + 1, dim=1).values  # the first is itself
         return (torch.cdist(points, manifold) <= radii[None]).any(dim=1)
 
-    def _in_class(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """log pi_k + log N(Q^T x; component k) for the requested class's modes: [n, modes]."""
-        coords = x.reshape(x.shape[0], -1).to(self.means) @ self.basis
+    def _in_class(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """log pi_k + log N(coords; component k) for the requested class's modes, from signal-subspace
+        coordinates Q^T x [n, q]: [n, modes]."""
         ll, _ = lowrank_log_likelihoods(coords, self.means, self.factors, ISO_STD**2)
         ll = ll + self.mix.log_weights.reshape(-1)
         modes = self.mix.modes
@@ -283,7 +283,7 @@ class MixtureScores:
         flat = x.reshape(x.shape[0], -1).to(self.basis)
         coords = flat @ self.basis
         outside = flat - coords @ self.basis.T
-        own = self._in_class(x, labels)
+        own = self._in_class(coords, labels)
         precise = torch.logsumexp(own, dim=1) >= self.thresholds[labels]
         nearest = own.argmax(1)
         weights = mix.log_weights.exp()
