@@ -161,8 +161,8 @@ def vae_stage(paths: dict[str, Path], s: DemoSettings, timings: dict) -> None:
     run(argv, timings, "vae")
     if record.read_bytes() == before:
         return
-    stale = [paths[k] for k in ("latents", "teacher", "student", "samples", "teacher_samples")]
-    stale = [path for path in stale if path.exists()]
+    made_from_vae = [path for name, path in paths.items() if name not in ("images", "vae")]  # later stages
+    stale = [path for path in made_from_vae if path.exists()]
     if stale:
         click.echo(f"a new VAE: removing what the old one made ({', '.join(str(p) for p in stale)})")
         for path in stale:

@@ -186,14 +186,13 @@ def main(dry_run: bool, local_rank: int | None, **options) -> None:
         }
         click.echo(json.dumps(resolved, indent=1))
         return
-    from latent.dir_lock import DirectoryInUseError
     from latent.reader import UnreadableDataError
     from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train.trainer import train
 
     try:
         train(cfg)
-    except (ConfigError, UnreadableDataError, DirectoryInUseError) as err:
+    except (ConfigError, UnreadableDataError) as err:
         click.echo(f"Error: {err}", err=True)
         leave_process_group(failed=True)
         sys.exit(2)

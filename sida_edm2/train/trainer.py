@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from latent.dir_lock import lock_directory, unlock_directory
+from latent.dir_lock import DirectoryInUseError, lock_directory, unlock_directory
 from sida_edm2.model.networks import PRECISION_DTYPES
 from sida_edm2.sample.grids import save_sample_grid
 from sida_edm2.train import engines
@@ -102,7 +102,10 @@ class Trainer:
                 Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise ConfigError(f"--run-dir {cfg.run_dir} cannot be created ({err.strerror})") from None
-            lock_directory(cfg.run_dir, "training run")  # before anything in it is removed or written
+            try:  # before anything in it is removed or written
+                lock_directory(cfg.run_dir, "training run")
+            except DirectoryInUseError as err:
+                raise ConfigError(str(err)) from None
             remove_partial_files(cfg.run_dir)
         torch.distributed.barrier()
         self.log = RunLog(cfg.run_dir, self.rank)
