@@ -97,17 +97,12 @@ class Trainer:
         self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
         self.precision = cfg.resolved_precision(self.device.type == "cuda")
         self.use_real_data = cfg.method != "sid"
-        if self.rank == 0:
-            try:  # check_inputs_exist only judged the permissions (root passes those everywhere)
-                Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            except OSError as err:
-                raise ConfigError(f"--run-dir {cfg.run_dir} cannot be created ({err.strerror})") from None
-            try:  # before anything in it is removed or written
-                lock_directory(cfg.run_dir, "training run")
-            except DirectoryInUseError as err:
-                raise ConfigError(str(err)) from None
-            remove_partial_files(cfg.run_dir)
-        torch.distributed.barrier()
+        # Rank 0 prepares the run directory; the broadcast holds the other ranks until it is done and
+        # stops them with rank 0's error, if any (instead of leaving them in a collective it never joins).
+        problem = [_claim_run_dir(cfg.run_dir) if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(problem, src=0)
+        if problem[0] is not None:
+            raise ConfigError(problem[0])
         self.log = RunLog(cfg.run_dir, self.rank)
         seed_everything(derived_seed(cfg.seed, self.rank))
         self.noise = torch.Generator(self.device).manual_seed(derived_seed(cfg.seed, self.rank, 1 << 20))
@@ -432,6 +427,21 @@ class Trainer:
             maintenance += time.perf_counter() - t0
         self.log.close()
         unlock_directory(cfg.run_dir)
+
+
+def _claim_run_dir(run_dir: str) -> str | None:
+    """Create the run directory, take its lock and remove a killed run's partial files; the reason
+    it cannot be used, or None."""
+    try:  # check_inputs_exist only judged the permissions (root passes those everywhere)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--run-dir {run_dir} cannot be created ({err.strerror})"
+    try:  # before anything in it is removed or written
+        lock_directory(run_dir, "training run")
+    except DirectoryInUseError as err:
+        return str(err)
+    remove_partial_files(run_dir)
+    return None
 
 
 def train(cfg: TrainConfig, data_iter=None) -> Trainer:
