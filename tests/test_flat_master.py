@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.helpers_train import run_distributed  # noqa: E402
+from tests.helpers_train import end_distributed_script, run_distributed  # noqa: E402
 
 
 def _engine_pair(stage: int, precision: str):
@@ -51,7 +51,6 @@ def _backward(engine, rank: int, nan: bool = False) -> None:
 
 def scenario(out: str, stage: int, precision: str) -> None:
     from sida_edm2.model.networks import PRECISION_DTYPES
-    from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train import engines
     from sida_edm2.train.ds_master import master_state_dict, normalize_master_weights_, visit_master_weights
     from sida_edm2.train.ema import NetworkEMA
@@ -99,7 +98,7 @@ def scenario(out: str, stage: int, precision: str) -> None:
         }
         Path(out).write_text(json.dumps(report))
     normalize_master_weights_(reference)  # both engines stay in use until every rank is done
-    leave_process_group()
+    end_distributed_script()
 
 
 @pytest.mark.slow

@@ -17,11 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.helpers_train import PRESET, make_dataset, make_teacher, run_distributed  # noqa: E402
+from tests.helpers_train import PRESET, end_distributed_script, make_dataset, make_teacher, run_distributed  # noqa: E402
 
 
 def scenario(out: str, teacher: str, data: str, run_dir: str) -> None:
-    from sida_edm2.sample.torchrun_env import leave_process_group
     from sida_edm2.train.config import resolve_config
     from sida_edm2.train.trainer import Trainer
 
@@ -38,7 +37,7 @@ def scenario(out: str, teacher: str, data: str, run_dir: str) -> None:
     torch.distributed.all_gather_object(everyone, drawn)
     if trainer.rank == 0:
         Path(out).write_text(json.dumps(everyone))
-    leave_process_group()
+    end_distributed_script()
 
 
 @pytest.mark.slow
